@@ -1,1 +1,49 @@
-//! vmm
+//! A small KVM VMM on the rust-vmm crates, built around a paravirtual
+//! cache-flush service.
+//!
+//! * [`memory`]: guest RAM (memfd-backed, lazily allocated) and its layout.
+//! * [`loader`]: ELF kernel validation and loading.
+//! * [`boot`]: boot information block, GDT, page tables, initial registers.
+//! * [`vcpu`]: vCPU threads and their exit handling; [`vcpu::control`] pauses
+//!   and releases them.
+//! * [`vm`]: puts it all together and runs the control loop.
+#![deny(missing_docs)]
+
+pub mod boot;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+/// The guest kernel bundled with the VMM (built from `guest-driver/kernel`).
+pub const BUNDLED_GUEST_KERNEL: &[u8] = include_bytes!(env!("BUNDLED_GUEST_KERNEL"));
+
+/// The VMM's process exit codes.
+pub mod exit_code {
+    /// The guest reported success (status 0 on the exit port).
+    pub const GUEST_SUCCESS: i32 = 0;
+    /// The guest reported failure (a non-zero status on the exit port).
+    pub const GUEST_FAILURE: i32 = 1;
+    /// Bad command-line usage (clap's own code).
+    pub const USAGE: i32 = 2;
+    /// The VM could not be set up: bad kernel, bad flag value, no KVM, ...
+    pub const SETUP_ERROR: i32 = 3;
+    /// The VM ended abnormally: triple fault, emulation failure, failed
+    /// entry, every vCPU halted without a verdict, or a VMM runtime error.
+    pub const VM_CRASH: i32 = 4;
+    /// Stopped by SIGINT or SIGTERM: 128 + the signal number (130, 143), as
+    /// shells report it.
+    pub const SIGNAL_BASE: i32 = 128;
+}
+
+use vcpu::VmOutcome;
+
+/// The process exit code for an outcome.
+pub fn exit_code_for(outcome: &VmOutcome) -> i32 {
+    match outcome {
+        VmOutcome::GuestExit { status: 0, .. } => exit_code::GUEST_SUCCESS,
+        VmOutcome::GuestExit { .. } => exit_code::GUEST_FAILURE,
+        VmOutcome::Crash { .. } => exit_code::VM_CRASH,
+        VmOutcome::Signal(signo) => exit_code::SIGNAL_BASE + signo,
+    }
+}

@@ -1,1 +1,126 @@
-fn main() {}
+//! The `vmm` binary: boots a guest kernel (by default the bundled one) and
+//! exits with the guest's verdict.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::exit_code;
+use vmm::vcpu::VmOutcome;
+use vmm::vm::{Vm, VmConfig};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    the guest reported success (status 0 on its exit port)
+  1    the guest reported failure (any other status)
+  2    bad command-line usage
+  3    the VM could not be set up (bad kernel file, bad value, no /dev/kvm, ...)
+  4    the VM ended abnormally (triple fault, emulation failure, failed entry,
+       every vCPU halted without a verdict)
+  130  stopped by SIGINT;  143  stopped by SIGTERM";
+
+/// Boot a guest kernel on KVM with the paravirtual cache-flush device.
+#[derive(Parser, Debug)]
+#[command(version, about, after_help = EXIT_CODES)]
+struct Cli {
+    /// Guest kernel: a static ELF64 x86-64 executable loaded at or above
+    /// 1 MiB. Defaults to the guest bundled in this binary.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(cache_flush_abi::boot::MAX_VCPUS)))]
+    vcpus: u32,
+
+    /// Guest RAM in MiB (4 to 65536). Memory is allocated only as the guest
+    /// touches it.
+    #[arg(long, value_name = "MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(vmm::memory::MIN_MEMORY_MIB..=vmm::memory::MAX_MEMORY_MIB))]
+    memory: u64,
+
+    /// Kernel command line; the bundled guest reads `scenario=NAME`.
+    #[arg(long, value_name = "STR", default_value = "scenario=boot")]
+    cmdline: String,
+
+    /// Log level of the VMM's own messages on stderr: error, warn, info,
+    /// debug or trace. RUST_LOG overrides it.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    log_level: log::LevelFilter,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit_code::USAGE as u8
+            } else {
+                0
+            });
+        }
+    };
+    env_logger::Builder::new()
+        .filter_level(cli.log_level)
+        .parse_default_env()
+        .format_timestamp_millis()
+        .init();
+
+    match run(cli) {
+        Ok(outcome) => {
+            report(&outcome);
+            ExitCode::from(vmm::exit_code_for(&outcome) as u8)
+        }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(e.as_ref()));
+            ExitCode::from(exit_code::SETUP_ERROR as u8)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<VmOutcome, Box<dyn std::error::Error>> {
+    let kernel = match &cli.kernel {
+        Some(path) => std::fs::read(path)
+            .map_err(|e| format!("cannot read kernel {}: {e}", path.display()))?,
+        None => vmm::BUNDLED_GUEST_KERNEL.to_vec(),
+    };
+    let config = VmConfig {
+        kernel,
+        vcpus: cli.vcpus,
+        memory_mib: cli.memory,
+        cmdline: cli.cmdline,
+        handle_signals: true,
+    };
+    let vm = Vm::new(&config)?;
+    let running = vm.start()?;
+    Ok(running.wait()?)
+}
+
+/// One line on stderr for every way the VM can end but success.
+fn report(outcome: &VmOutcome) {
+    match outcome {
+        VmOutcome::GuestExit { status: 0, .. } => {}
+        VmOutcome::GuestExit { status, vcpu } => {
+            eprintln!("error: the guest reported failure: status {status} (vcpu {vcpu})")
+        }
+        VmOutcome::Crash {
+            vcpu: Some(v),
+            reason,
+        } => eprintln!("error: vcpu {v}: {reason}"),
+        VmOutcome::Crash { vcpu: None, reason } => eprintln!("error: {reason}"),
+        VmOutcome::Signal(signo) => eprintln!("vmm: stopped by signal {signo}"),
+    }
+}
+
+/// "outer: inner: innermost" on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

@@ -1,6 +1,13 @@
 //! The boot protocol: guest-physical memory layout, the boot information block,
 //! the device table and the ports the VMM provides. `resources/boot-protocol.md`
 //! is the prose version of this file.
+//!
+//! Register conventions at the kernel entry point: every vCPU starts there,
+//! in 64-bit mode, CPL 0, interrupts disabled, RFLAGS = 0x2, RSP = 0, with
+//! `rdi` = vCPU index (0..vcpu_count) and `rsi` = [`BOOT_INFO_GPA`]. The
+//! identity map of [`BOOT_PML4_GPA`] is loaded in CR3; the GDT of [`gdt`] is
+//! loaded; CR4 has PAE, OSFXSR and OSXMMEXCPT set, so SSE may be used; EFER
+//! has LME, LMA, NXE and SCE set.
 
 /// Size of a small page.
 pub const PAGE_SIZE: u64 = 0x1000;
@@ -39,14 +46,6 @@ pub const SERIAL_PORT: u16 = 0x3f8;
 /// any other status.
 pub const EXIT_PORT: u16 = 0x500;
 
-/// Register conventions at the kernel entry point (all vCPUs start there, in
-/// 64-bit mode, CPL 0, interrupts disabled, RFLAGS = 0x2, RSP = 0).
-pub mod entry {
-    //! `rdi` = vCPU index (0..vcpu_count), `rsi` = [`super::BOOT_INFO_GPA`].
-    //! The identity map of [`super::BOOT_PML4_GPA`] is loaded in CR3; the GDT of
-    //! [`super::gdt`] is loaded; CR4 has PAE, OSFXSR and OSXMMEXCPT set, so SSE
-    //! may be used; EFER has LME, LMA, NXE and SCE set.
-}
 
 /// Selectors of the GDT the VMM installs at [`BOOT_GDT_GPA`]. A kernel may keep
 /// using it or load its own; entries 1 to 4 are the flat 64-bit segments a

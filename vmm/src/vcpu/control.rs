@@ -1,0 +1,464 @@
+//! The vCPU control channel: another thread asks a set of vCPUs to leave
+//! `KVM_RUN` promptly and park, runs work on the parked vCPU threads, and
+//! releases them.
+//!
+//! How a vCPU is made to leave `KVM_RUN` (the race every VMM has to close):
+//! the controller, holding the state lock, marks the vCPU's pause request,
+//! sets `immediate_exit` in the vCPU's `kvm_run` page and sends it
+//! [`kick_signal`]. The vCPU thread clears `immediate_exit` only under the
+//! same lock, right after it has checked that no pause is requested. So either
+//! it sees the request before entering `KVM_RUN`, or `KVM_RUN` sees
+//! `immediate_exit` and returns `EINTR` at once, or the signal interrupts a
+//! guest that is already running. No kick is lost and none is needed twice;
+//! kicks are still repeated every [`KICK_INTERVAL`] as a guard against a host
+//! that drops a signal.
+//!
+//! Parked threads block on a condition variable (never spin: on a 2-core
+//! host a spinning waiter steals the core a vCPU needs to reach its park).
+//! Every wait of the controller has a deadline and a named error.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How often an unanswered pause request is re-sent.
+pub const KICK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the (empty) handler of [`kick_signal`]. The handler does nothing:
+/// its only purpose is to make `KVM_RUN` return `EINTR` instead of the
+/// default action killing the process. Idempotent.
+pub fn install_kick_handler() -> Result<(), ControlError> {
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| ControlError::SignalHandler(std::io::Error::from_raw_os_error(e.errno())))
+}
+
+/// Errors of the control channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// These vCPUs did not park before the deadline; the pause was undone.
+    #[error("vCPUs {vcpus:?} did not pause within {timeout:?}")]
+    PauseTimeout {
+        /// The vCPUs that were still running.
+        vcpus: Vec<usize>,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// These vCPUs did not finish their work before the deadline.
+    #[error("vCPUs {vcpus:?} did not finish their work within {timeout:?}")]
+    WorkTimeout {
+        /// The vCPUs that were still working.
+        vcpus: Vec<usize>,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// A vCPU index out of range.
+    #[error("no vCPU {0}")]
+    NoSuchVcpu(usize),
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    SignalHandler(#[source] std::io::Error),
+}
+
+/// Where a vCPU thread is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Its thread has not registered yet.
+    NotStarted,
+    /// Running guest code, or about to, or handling an exit.
+    Running,
+    /// Parked: out of `KVM_RUN`, blocked until released.
+    Parked,
+    /// Its thread has left its run loop for good.
+    Exited,
+}
+
+/// What a vCPU thread should do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Directive {
+    /// Enter `KVM_RUN`.
+    Run,
+    /// A pause is requested: complete any pending exit, then call
+    /// [`VcpuControl::park`].
+    Park,
+    /// Leave the run loop.
+    Finish,
+}
+
+/// Work run on parked vCPU threads; it gets the vCPU index.
+pub type VcpuWork = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// Pointer to a vCPU's `kvm_run.immediate_exit` byte.
+struct ImmediateExit(*mut u8);
+// SAFETY: the pointer is only dereferenced under the control lock while the
+// owning vCPU thread is registered, i.e. while its `kvm_run` mapping is alive
+// (the thread unregisters, under the same lock, before dropping its VcpuFd).
+unsafe impl Send for ImmediateExit {}
+
+struct Slot {
+    state: RunState,
+    pause_requested: bool,
+    thread: Option<libc::pthread_t>,
+    immediate_exit: Option<ImmediateExit>,
+    /// The last work sequence number this vCPU has run (or was excused from).
+    work_done: u64,
+}
+
+struct State {
+    slots: Vec<Slot>,
+    finish: bool,
+    work: Option<VcpuWork>,
+    work_seq: u64,
+}
+
+/// Shared between the vCPU threads and their controllers.
+pub struct VcpuControl {
+    state: Mutex<State>,
+    /// Parked vCPUs wait here.
+    vcpu_wakeup: Condvar,
+    /// Controllers wait here for acknowledgements.
+    controller_wakeup: Condvar,
+    /// One flag per vCPU, set exactly while its thread is inside `KVM_RUN`
+    /// (or about to enter it): what the pause invariant is checked against.
+    in_kvm_run: Vec<AtomicBool>,
+    /// Serialises controllers: one pause at a time.
+    controller: Mutex<()>,
+}
+
+impl VcpuControl {
+    /// A channel for `count` vCPUs.
+    pub fn new(count: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                slots: (0..count)
+                    .map(|_| Slot {
+                        state: RunState::NotStarted,
+                        pause_requested: false,
+                        thread: None,
+                        immediate_exit: None,
+                        work_done: 0,
+                    })
+                    .collect(),
+                finish: false,
+                work: None,
+                work_seq: 0,
+            }),
+            vcpu_wakeup: Condvar::new(),
+            controller_wakeup: Condvar::new(),
+            in_kvm_run: (0..count).map(|_| AtomicBool::new(false)).collect(),
+            controller: Mutex::new(()),
+        })
+    }
+
+    /// Number of vCPUs.
+    pub fn count(&self) -> usize {
+        self.in_kvm_run.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking vCPU thread must not take the whole VMM with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state of vCPU `index`.
+    pub fn run_state(&self, index: usize) -> RunState {
+        self.lock().slots[index].state
+    }
+
+    /// How many vCPU threads are inside `KVM_RUN` right now.
+    pub fn vcpus_in_kvm_run(&self) -> usize {
+        self.in_kvm_run
+            .iter()
+            .filter(|f| f.load(Ordering::SeqCst))
+            .count()
+    }
+
+    // ---- vCPU-thread side -------------------------------------------------
+
+    /// Called by vCPU thread `index` before its first `KVM_RUN`, with its
+    /// `kvm_run.immediate_exit` byte.
+    ///
+    /// # Safety
+    /// `immediate_exit` must stay valid until [`VcpuControl::exited`] is
+    /// called by the same thread.
+    pub unsafe fn register(&self, index: usize, immediate_exit: *mut u8) {
+        let mut st = self.lock();
+        let slot = &mut st.slots[index];
+        slot.state = RunState::Running;
+        // SAFETY: pthread_self never fails.
+        slot.thread = Some(unsafe { libc::pthread_self() });
+        slot.immediate_exit = Some(ImmediateExit(immediate_exit));
+        self.controller_wakeup.notify_all();
+    }
+
+    /// Called by vCPU thread `index` at the top of its loop.
+    pub fn before_run(&self, index: usize) -> Directive {
+        let st = self.lock();
+        if st.finish {
+            return Directive::Finish;
+        }
+        let slot = &st.slots[index];
+        if slot.pause_requested {
+            return Directive::Park;
+        }
+        if let Some(ie) = &slot.immediate_exit {
+            // SAFETY: see `ImmediateExit`; we hold the lock and are the owner.
+            unsafe { ie.0.write_volatile(0) };
+        }
+        self.in_kvm_run[index].store(true, Ordering::SeqCst);
+        Directive::Run
+    }
+
+    /// Called by vCPU thread `index` right after `KVM_RUN` returned.
+    pub fn after_run(&self, index: usize) {
+        self.in_kvm_run[index].store(false, Ordering::SeqCst);
+    }
+
+    /// Parks vCPU thread `index` until its pause is lifted, running any work
+    /// posted for it meanwhile. Returns [`Directive::Run`] or
+    /// [`Directive::Finish`].
+    pub fn park(&self, index: usize) -> Directive {
+        let mut st = self.lock();
+        st.slots[index].state = RunState::Parked;
+        self.controller_wakeup.notify_all();
+        loop {
+            // Work first, even when finishing: a controller is waiting for it.
+            if st.slots[index].pause_requested && st.slots[index].work_done < st.work_seq {
+                let seq = st.work_seq;
+                if let Some(work) = st.work.clone() {
+                    drop(st);
+                    work(index);
+                    st = self.lock();
+                }
+                st.slots[index].work_done = seq;
+                self.controller_wakeup.notify_all();
+                continue;
+            }
+            if st.finish {
+                return Directive::Finish;
+            }
+            if !st.slots[index].pause_requested {
+                st.slots[index].state = RunState::Running;
+                return Directive::Run;
+            }
+            st = self.vcpu_wakeup.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Called by vCPU thread `index` when it leaves its run loop for good,
+    /// before its `kvm_run` mapping goes away.
+    pub fn exited(&self, index: usize) {
+        let mut st = self.lock();
+        let slot = &mut st.slots[index];
+        slot.state = RunState::Exited;
+        slot.thread = None;
+        slot.immediate_exit = None;
+        self.in_kvm_run[index].store(false, Ordering::SeqCst);
+        self.controller_wakeup.notify_all();
+    }
+
+    // ---- controller side --------------------------------------------------
+
+    fn kick_locked(slot: &Slot) {
+        if slot.state != RunState::Running {
+            return;
+        }
+        if let Some(ie) = &slot.immediate_exit {
+            // SAFETY: see `ImmediateExit`: the thread is registered, so its
+            // kvm_run page is mapped; we hold the lock it unregisters under.
+            unsafe { ie.0.write_volatile(1) };
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if let Some(thread) = slot.thread {
+            // SAFETY: the thread is registered and has not called `exited`
+            // (which needs the lock we hold), so it is alive and its id valid.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    /// Pauses `vcpus` and waits until each is parked or gone. On timeout the
+    /// pause is undone and the vCPUs still running are named.
+    pub fn pause(
+        &self,
+        vcpus: &[usize],
+        timeout: Duration,
+    ) -> Result<PauseGuard<'_>, ControlError> {
+        if let Some(&bad) = vcpus.iter().find(|&&i| i >= self.count()) {
+            return Err(ControlError::NoSuchVcpu(bad));
+        }
+        let controller = self.controller.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        for &i in vcpus {
+            st.slots[i].pause_requested = true;
+            Self::kick_locked(&st.slots[i]);
+        }
+        loop {
+            let running: Vec<usize> = vcpus
+                .iter()
+                .copied()
+                .filter(|&i| matches!(st.slots[i].state, RunState::Running | RunState::NotStarted))
+                .collect();
+            if running.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                for &i in vcpus {
+                    st.slots[i].pause_requested = false;
+                }
+                self.vcpu_wakeup.notify_all();
+                return Err(ControlError::PauseTimeout {
+                    vcpus: running,
+                    timeout,
+                });
+            }
+            let wait = KICK_INTERVAL.min(deadline - now);
+            let (guard, result) = self
+                .controller_wakeup
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|p| p.into_inner());
+            st = guard;
+            if result.timed_out() {
+                for &i in &running {
+                    Self::kick_locked(&st.slots[i]);
+                }
+            }
+        }
+        drop(st);
+        Ok(PauseGuard {
+            control: self,
+            vcpus: vcpus.to_vec(),
+            _controller: controller,
+        })
+    }
+
+    /// Pauses every vCPU.
+    pub fn pause_all(&self, timeout: Duration) -> Result<PauseGuard<'_>, ControlError> {
+        let all: Vec<usize> = (0..self.count()).collect();
+        self.pause(&all, timeout)
+    }
+
+    /// Asks every vCPU thread to leave its run loop, and waits (up to
+    /// `timeout`) until all have. Returns the ones that did not.
+    pub fn finish(&self, timeout: Duration) -> Vec<usize> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        st.finish = true;
+        self.vcpu_wakeup.notify_all();
+        loop {
+            let alive: Vec<usize> = (0..st.slots.len())
+                .filter(|&i| st.slots[i].state != RunState::Exited)
+                .collect();
+            // A thread that never registered will see `finish` first thing.
+            let stuck: Vec<usize> = alive
+                .iter()
+                .copied()
+                .filter(|&i| st.slots[i].state != RunState::NotStarted)
+                .collect();
+            if stuck.is_empty() {
+                return Vec::new();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return stuck;
+            }
+            for &i in &stuck {
+                Self::kick_locked(&st.slots[i]);
+            }
+            let wait = KICK_INTERVAL.min(deadline - now);
+            st = self
+                .controller_wakeup
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// A set of paused vCPUs. Dropping it resumes them.
+pub struct PauseGuard<'a> {
+    control: &'a VcpuControl,
+    vcpus: Vec<usize>,
+    _controller: MutexGuard<'a, ()>,
+}
+
+impl PauseGuard<'_> {
+    /// The paused vCPUs whose threads are alive (parked), in index order:
+    /// the ones that can take a share of work.
+    pub fn parked(&self) -> Vec<usize> {
+        let st = self.control.lock();
+        self.vcpus
+            .iter()
+            .copied()
+            .filter(|&i| st.slots[i].state == RunState::Parked)
+            .collect()
+    }
+
+    /// Runs `work(index)` on the thread of every parked vCPU of this pause, in
+    /// parallel, and waits until all have finished. Returns the vCPUs that ran
+    /// it. A vCPU whose thread ends meanwhile is excused.
+    pub fn run_on_parked(
+        &self,
+        work: VcpuWork,
+        timeout: Duration,
+    ) -> Result<Vec<usize>, ControlError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.control.lock();
+        st.work_seq += 1;
+        let seq = st.work_seq;
+        st.work = Some(work);
+        let ran: Vec<usize> = self
+            .vcpus
+            .iter()
+            .copied()
+            .filter(|&i| st.slots[i].state == RunState::Parked)
+            .collect();
+        self.control.vcpu_wakeup.notify_all();
+        let result = loop {
+            let busy: Vec<usize> = ran
+                .iter()
+                .copied()
+                .filter(|&i| st.slots[i].work_done < seq && st.slots[i].state == RunState::Parked)
+                .collect();
+            if busy.is_empty() {
+                break Ok(ran);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(ControlError::WorkTimeout {
+                    vcpus: busy,
+                    timeout,
+                });
+            }
+            st = self
+                .control
+                .controller_wakeup
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        };
+        // Whoever did not pick the work up is excused from it: a late start
+        // must not run a share the controller no longer waits for.
+        for i in 0..st.slots.len() {
+            st.slots[i].work_done = st.slots[i].work_done.max(seq);
+        }
+        st.work = None;
+        result
+    }
+}
+
+impl Drop for PauseGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.control.lock();
+        for &i in &self.vcpus {
+            st.slots[i].pause_requested = false;
+        }
+        self.control.vcpu_wakeup.notify_all();
+    }
+}

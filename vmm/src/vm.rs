@@ -1,0 +1,436 @@
+//! A VM: KVM objects, guest RAM, the buses, the vCPU threads and the control
+//! loop that waits for the VM to end.
+//!
+//! [`Vm::new`] does everything that can fail before a vCPU runs (so a bad
+//! kernel or flag never leads to a partial start); [`Vm::start`] spawns the
+//! vCPU threads; [`RunningVm::wait`] runs the event loop (event-manager) until
+//! the guest ends, a vCPU crashes or a signal arrives, then stops every vCPU.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cache_flush_abi::boot::{DeviceEntry, DeviceKind, EXIT_PORT, MAX_VCPUS, SERIAL_PORT};
+use devices::bus::Bus;
+use devices::legacy::SerialPort;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::boot::{self, BootError};
+use crate::loader::{self, LoadedKernel, LoaderError};
+use crate::memory::{GuestRam, MemoryError};
+use crate::vcpu::control::{self, ControlError, VcpuControl};
+use crate::vcpu::{IoBuses, OutcomeSink, Vcpu, VcpuStats, VmOutcome};
+
+/// How long stopping the VM waits for vCPU threads to leave their loops.
+pub const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything that configures a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The kernel image (an ELF64 x86-64 executable).
+    pub kernel: Vec<u8>,
+    /// Number of vCPUs (1..=MAX_VCPUS).
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Turn SIGINT and SIGTERM into an orderly stop (the binary does; tests
+    /// embedding the VMM usually don't).
+    pub handle_signals: bool,
+}
+
+/// Errors of VM set-up and of its control loop.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Bad vCPU count.
+    #[error("--vcpus must be between 1 and {MAX_VCPUS}, not {0}")]
+    VcpuCount(u32),
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    OpenKvm(#[source] vmm_sys_util::errno::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kernel image.
+    #[error(transparent)]
+    Kernel(#[from] LoaderError),
+    /// Boot structures.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The vCPU control channel.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// A device could not be placed on a bus.
+    #[error("cannot attach a device")]
+    Bus(#[from] devices::bus::BusError),
+    /// The event loop failed.
+    #[error("event loop failed: {0:?}")]
+    EventLoop(event_manager::Error),
+    /// An OS resource (thread, eventfd, signalfd) could not be created.
+    #[error("cannot create {what}")]
+    Os {
+        /// What.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A configured VM whose vCPUs have not started.
+pub struct Vm {
+    _kvm: Kvm,
+    vm_fd: VmFd,
+    ram: GuestRam,
+    kernel: LoadedKernel,
+    vcpus: Vec<Vcpu>,
+    control: Arc<VcpuControl>,
+    outcome: Arc<OutcomeSink>,
+    stats: Arc<VcpuStats>,
+    handle_signals: bool,
+}
+
+impl Vm {
+    /// Creates the VM: memory, kernel, boot structures, devices and vCPUs.
+    pub fn new(config: &VmConfig) -> Result<Self, VmError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount(config.vcpus));
+        }
+        let ram = GuestRam::new(config.memory_mib)?;
+        // Validate the kernel before touching KVM, so a bad file gives its own
+        // error even on a host without KVM.
+        loader::validate(&config.kernel, &ram.layout)?;
+
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        for (slot, region) in ram.memory.iter().enumerate() {
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `ram`, which the
+            // returned Vm keeps for at least as long as `vm_fd`.
+            unsafe { vm_fd.set_user_memory_region(mem_region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let kernel = loader::load(&config.kernel, &ram.memory, &ram.layout)?;
+
+        let mut pio = Bus::new();
+        let serial = Arc::new(Mutex::new(SerialPort::new(std::io::stdout())));
+        pio.insert(u64::from(SERIAL_PORT), 8, serial)?;
+        let mmio = Bus::new();
+        let device_table = vec![
+            DeviceEntry {
+                kind: DeviceKind::SerialPort as u32,
+                device_id: 0,
+                base: u64::from(SERIAL_PORT),
+                size: 8,
+            },
+            DeviceEntry {
+                kind: DeviceKind::ExitPort as u32,
+                device_id: 0,
+                base: u64::from(EXIT_PORT),
+                size: 4,
+            },
+        ];
+        boot::write_boot_structures(
+            &ram.memory,
+            &ram.layout,
+            config.vcpus,
+            &config.cmdline,
+            &device_table,
+        )?;
+
+        let control = VcpuControl::new(config.vcpus as usize);
+        let outcome = OutcomeSink::new().map_err(|source| VmError::Os {
+            what: "the outcome eventfd",
+            source,
+        })?;
+        let stats = Arc::new(VcpuStats::default());
+        let halted = Arc::new(AtomicU64::new(0));
+        let buses = IoBuses { pio, mmio };
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for index in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let mut cpuid = supported_cpuid.clone();
+            for entry in cpuid.as_mut_slice() {
+                // Leaf 1: the initial APIC ID, so CPUID tells a vCPU its index.
+                if entry.function == 1 {
+                    entry.ebx = (entry.ebx & 0x00ff_ffff) | (index << 24);
+                }
+            }
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            fd.set_sregs(&boot::initial_sregs(sregs))
+                .map_err(kvm_err("KVM_SET_SREGS"))?;
+            fd.set_regs(&boot::initial_regs(kernel.entry, index))
+                .map_err(kvm_err("KVM_SET_REGS"))?;
+            vcpus.push(Vcpu::new(
+                index as usize,
+                fd,
+                buses.clone(),
+                control.clone(),
+                outcome.clone(),
+                stats.clone(),
+                halted.clone(),
+            ));
+        }
+
+        Ok(Self {
+            _kvm: kvm,
+            vm_fd,
+            ram,
+            kernel,
+            vcpus,
+            control,
+            outcome,
+            stats,
+            handle_signals: config.handle_signals,
+        })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.ram.memory
+    }
+
+    /// Where the kernel was loaded.
+    pub fn kernel(&self) -> LoadedKernel {
+        self.kernel
+    }
+
+    /// Starts every vCPU thread.
+    pub fn start(self) -> Result<RunningVm, VmError> {
+        control::install_kick_handler()?;
+        let signals = if self.handle_signals {
+            Some(SignalWatcher::new(self.outcome.clone())?)
+        } else {
+            None
+        };
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for vcpu in self.vcpus {
+            let index = threads.len();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu.run())
+                .map_err(|source| VmError::Os {
+                    what: "a vCPU thread",
+                    source,
+                })?;
+            threads.push(handle);
+        }
+        Ok(RunningVm {
+            _vm_fd: self.vm_fd,
+            ram: self.ram,
+            control: self.control,
+            outcome: self.outcome,
+            stats: self.stats,
+            threads,
+            signals,
+        })
+    }
+}
+
+/// A VM whose vCPUs run.
+pub struct RunningVm {
+    _vm_fd: VmFd,
+    ram: GuestRam,
+    control: Arc<VcpuControl>,
+    outcome: Arc<OutcomeSink>,
+    stats: Arc<VcpuStats>,
+    threads: Vec<JoinHandle<()>>,
+    signals: Option<SignalWatcher>,
+}
+
+impl RunningVm {
+    /// The vCPU control channel.
+    pub fn control(&self) -> &Arc<VcpuControl> {
+        &self.control
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.ram.memory
+    }
+
+    /// Guest RAM with its backing file.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Accesses to addresses no device claimed so far.
+    pub fn unclaimed_accesses(&self) -> u64 {
+        self.stats.unclaimed_accesses.load(Ordering::Relaxed)
+    }
+
+    /// The outcome, if the VM has ended.
+    pub fn outcome(&self) -> Option<VmOutcome> {
+        self.outcome.outcome()
+    }
+
+    /// Runs the control loop until the VM ends, then stops every vCPU.
+    pub fn wait(mut self) -> Result<VmOutcome, VmError> {
+        let done = Arc::new(AtomicBool::new(false));
+        let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().map_err(VmError::EventLoop)?;
+        manager.add_subscriber(Arc::new(Mutex::new(OutcomeWatcher {
+            outcome: self.outcome.clone(),
+            done: done.clone(),
+        })));
+        if let Some(signals) = self.signals.take() {
+            manager.add_subscriber(Arc::new(Mutex::new(signals)));
+        }
+        while !done.load(Ordering::SeqCst) {
+            manager.run().map_err(VmError::EventLoop)?;
+        }
+        Ok(self.stop())
+    }
+
+    /// Stops the VM now (if no outcome was reported, it is `Signal(0)`:
+    /// stopped by its owner) and returns its outcome.
+    pub fn stop(mut self) -> VmOutcome {
+        self.outcome.report(VmOutcome::Signal(0));
+        self.finish_threads();
+        self.outcome.outcome().unwrap_or(VmOutcome::Signal(0))
+    }
+
+    fn finish_threads(&mut self) {
+        let stuck = self.control.finish(FINISH_TIMEOUT);
+        if !stuck.is_empty() {
+            log::error!("vCPUs {stuck:?} did not stop within {FINISH_TIMEOUT:?}; leaving them");
+            return;
+        }
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.outcome.report(VmOutcome::Signal(0));
+            self.finish_threads();
+        }
+    }
+}
+
+/// Ends the control loop when a vCPU reports how the VM ended.
+struct OutcomeWatcher {
+    outcome: Arc<OutcomeSink>,
+    done: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for OutcomeWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.outcome.eventfd(), EventSet::IN)) {
+            log::error!("cannot watch the VM outcome: {e:?}");
+            self.done.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.outcome.eventfd().read();
+        self.done.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Turns SIGINT and SIGTERM into a [`VmOutcome::Signal`]. The signals are
+/// blocked in every thread (the vCPU threads inherit the mask) and read from
+/// a signalfd, so they arrive as ordinary events of the control loop.
+struct SignalWatcher {
+    fd: OwnedFd,
+    outcome: Arc<OutcomeSink>,
+}
+
+impl SignalWatcher {
+    fn new(outcome: Arc<OutcomeSink>) -> Result<Self, VmError> {
+        let os_err = |what| {
+            move |_| VmError::Os {
+                what,
+                source: std::io::Error::last_os_error(),
+            }
+        };
+        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+        let rc = unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(VmError::Os {
+                what: "the signal mask",
+                source: std::io::Error::from_raw_os_error(rc),
+            });
+        }
+        // SAFETY: `set` is initialised; -1 asks for a new descriptor.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(os_err("the signalfd")(()));
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd, outcome })
+    }
+}
+
+impl MutEventSubscriber for SignalWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            log::error!("cannot watch SIGINT/SIGTERM: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reading at most `size` bytes into `info`, which is that big.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        if n as usize == size {
+            let signo = info.ssi_signo as i32;
+            log::warn!("received signal {signo}; stopping the VM");
+            self.outcome.report(VmOutcome::Signal(signo));
+        }
+    }
+}
