@@ -6,10 +6,13 @@
 //! * [`boot`]: boot information block, GDT, page tables, initial registers.
 //! * [`vcpu`]: vCPU threads and their exit handling; [`vcpu::control`] pauses
 //!   and releases them.
+//! * [`flush_engine`]: the pause-all flush engine behind the cache-flush
+//!   device.
 //! * [`vm`]: puts it all together and runs the control loop.
 #![deny(missing_docs)]
 
 pub mod boot;
+pub mod flush_engine;
 pub mod loader;
 pub mod memory;
 pub mod vcpu;

@@ -17,7 +17,7 @@
 //! host a spinning waiter steals the core a vCPU needs to reach its park).
 //! Every wait of the controller has a deadline and a named error.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -126,6 +126,8 @@ pub struct VcpuControl {
     /// One flag per vCPU, set exactly while its thread is inside `KVM_RUN`
     /// (or about to enter it): what the pause invariant is checked against.
     in_kvm_run: Vec<AtomicBool>,
+    /// The host CPU each vCPU thread last left `KVM_RUN` on (-1: not yet).
+    last_host_cpu: Vec<AtomicI32>,
     /// Serialises controllers: one pause at a time.
     controller: Mutex<()>,
 }
@@ -151,6 +153,7 @@ impl VcpuControl {
             vcpu_wakeup: Condvar::new(),
             controller_wakeup: Condvar::new(),
             in_kvm_run: (0..count).map(|_| AtomicBool::new(false)).collect(),
+            last_host_cpu: (0..count).map(|_| AtomicI32::new(-1)).collect(),
             controller: Mutex::new(()),
         })
     }
@@ -217,6 +220,14 @@ impl VcpuControl {
     /// Called by vCPU thread `index` right after `KVM_RUN` returned.
     pub fn after_run(&self, index: usize) {
         self.in_kvm_run[index].store(false, Ordering::SeqCst);
+        // SAFETY: sched_getcpu has no memory effects.
+        let cpu = unsafe { libc::sched_getcpu() };
+        self.last_host_cpu[index].store(cpu, Ordering::Relaxed);
+    }
+
+    /// The host CPU vCPU `index` last ran guest code on (-1: not yet).
+    pub fn last_host_cpu(&self, index: usize) -> i32 {
+        self.last_host_cpu[index].load(Ordering::Relaxed)
     }
 
     /// Parks vCPU thread `index` until its pause is lifted, running any work
