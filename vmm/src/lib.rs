@@ -1,6 +1,7 @@
 //! A small KVM VMM on the rust-vmm crates, built around a paravirtual
 //! cache-flush service.
 //!
+//! * [`alias`]: a second host mapping of guest RAM (hand-off tests).
 //! * [`memory`]: guest RAM (memfd-backed, lazily allocated) and its layout.
 //! * [`loader`]: ELF kernel validation and loading.
 //! * [`boot`]: boot information block, GDT, page tables, initial registers.
@@ -11,6 +12,7 @@
 //! * [`vm`]: puts it all together and runs the control loop.
 #![deny(missing_docs)]
 
+pub mod alias;
 pub mod boot;
 pub mod flush_engine;
 pub mod loader;

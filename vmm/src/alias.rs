@@ -1,0 +1,207 @@
+//! A second host mapping of guest RAM: the "shared" view a confidential-VM
+//! hand-off test reads and writes, and the proof that a flush by physical
+//! address covers every mapping of the same memory.
+//!
+//! Guest RAM is a memfd (see [`crate::memory`]), so any range of it can be
+//! mapped again, `MAP_SHARED`, at a different host address. Both mappings
+//! reach the same physical pages; nothing is copied.
+
+use std::os::fd::AsRawFd;
+
+use vm_memory::GuestAddress;
+
+use crate::memory::GuestRam;
+
+/// Errors of alias creation and access.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AliasError {
+    /// The range is empty, overflows, or is not inside one RAM region.
+    #[error("guest range {addr:#x}+{len:#x} is not inside one RAM region")]
+    NotInRam {
+        /// First guest-physical byte.
+        addr: u64,
+        /// Length.
+        len: usize,
+    },
+    /// An access reaches past the end of the alias.
+    #[error("access at offset {offset:#x} (+{len:#x}) is outside the {size:#x}-byte alias")]
+    OutOfBounds {
+        /// Offset into the alias.
+        offset: usize,
+        /// Length of the access.
+        len: usize,
+        /// Size of the alias.
+        size: usize,
+    },
+    /// `mmap` failed.
+    #[error("mmap of the guest memory file failed: errno {0}")]
+    Map(i32),
+}
+
+/// A second host mapping of `[gpa, gpa + len)`; unmapped on drop.
+pub struct SharedAlias {
+    map_base: *mut u8,
+    map_len: usize,
+    /// Offset of `gpa` inside the page-aligned mapping.
+    lead: usize,
+    gpa: GuestAddress,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; moving it
+// to another thread changes nothing about its validity.
+unsafe impl Send for SharedAlias {}
+// SAFETY: all accesses through `&self` are volatile copies into or out of
+// caller buffers; concurrent ones race like any shared memory does (the
+// guest writes it concurrently anyway), without undefined behaviour on the
+// Rust side because no reference to the mapped bytes is ever created.
+unsafe impl Sync for SharedAlias {}
+
+impl SharedAlias {
+    /// Maps `[gpa, gpa + len)` of `ram` again.
+    pub fn new(ram: &GuestRam, gpa: GuestAddress, len: usize) -> Result<Self, AliasError> {
+        let not_in_ram = AliasError::NotInRam { addr: gpa.0, len };
+        let end = gpa
+            .0
+            .checked_add(len as u64)
+            .filter(|_| len > 0)
+            .ok_or(not_in_ram.clone())?;
+        let (index, region) = ram
+            .layout
+            .iter()
+            .enumerate()
+            .find(|(_, r)| gpa.0 >= r.base && end <= r.base + r.size)
+            .ok_or(not_in_ram)?;
+        let page = crate::flush_engine::resident::page_size() as u64;
+        let file_offset = ram.file_offsets[index] + (gpa.0 - region.base);
+        let aligned_offset = file_offset & !(page - 1);
+        let lead = (file_offset - aligned_offset) as usize;
+        let map_len = (lead + len).next_multiple_of(page as usize);
+        // SAFETY: a fresh shared mapping of the memory file at a page-aligned
+        // offset inside it; the kernel picks the address.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                ram.file.as_raw_fd(),
+                aligned_offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(AliasError::Map(
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+            ));
+        }
+        Ok(Self {
+            map_base: ptr.cast(),
+            map_len,
+            lead,
+            gpa,
+            len,
+        })
+    }
+
+    /// The guest-physical address of byte 0.
+    pub fn guest_addr(&self) -> GuestAddress {
+        self.gpa
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the alias is empty (never: creation refuses length 0).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Host address of byte 0 of the alias (for cache timing from the host).
+    pub fn as_ptr(&self) -> *const u8 {
+        // SAFETY: `lead` is inside the mapping.
+        unsafe { self.map_base.add(self.lead) }
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<*mut u8, AliasError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => {
+                // SAFETY: `lead + offset` is inside the mapping (checked).
+                Ok(unsafe { self.map_base.add(self.lead + offset) })
+            }
+            _ => Err(AliasError::OutOfBounds {
+                offset,
+                len,
+                size: self.len,
+            }),
+        }
+    }
+
+    /// Copies `buf.len()` bytes at `offset` out of the alias.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), AliasError> {
+        let src = self.check(offset, buf.len())?;
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `src + i` is inside the mapping (checked above).
+            *b = unsafe { src.add(i).read_volatile() };
+        }
+        Ok(())
+    }
+
+    /// Copies `buf` into the alias at `offset`.
+    pub fn write(&self, offset: usize, buf: &[u8]) -> Result<(), AliasError> {
+        let dst = self.check(offset, buf.len())?;
+        for (i, b) in buf.iter().enumerate() {
+            // SAFETY: `dst + i` is inside the mapping (checked above).
+            unsafe { dst.add(i).write_volatile(*b) };
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SharedAlias {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping this value created.
+        unsafe { libc::munmap(self.map_base.cast(), self.map_len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn alias_sees_guest_writes_and_guest_sees_alias_writes() {
+        let ram = GuestRam::new(8).unwrap();
+        let gpa = GuestAddress(0x12_3456);
+        let alias = SharedAlias::new(&ram, gpa, 100).unwrap();
+        ram.memory.write_slice(b"from the guest", gpa).unwrap();
+        let mut buf = [0u8; 14];
+        alias.read(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"from the guest");
+        alias.write(50, b"from the host").unwrap();
+        let mut back = [0u8; 13];
+        ram.memory
+            .read_slice(&mut back, GuestAddress(gpa.0 + 50))
+            .unwrap();
+        assert_eq!(&back, b"from the host");
+        assert_ne!(
+            alias.as_ptr(),
+            ram.memory.get_host_address(gpa).unwrap() as *const u8
+        );
+    }
+
+    #[test]
+    fn refuses_ranges_outside_ram_and_accesses_outside_the_alias() {
+        let ram = GuestRam::new(8).unwrap();
+        assert!(SharedAlias::new(&ram, GuestAddress(8 << 20), 1).is_err());
+        assert!(SharedAlias::new(&ram, GuestAddress((8 << 20) - 1), 2).is_err());
+        assert!(SharedAlias::new(&ram, GuestAddress(0), 0).is_err());
+        assert!(SharedAlias::new(&ram, GuestAddress(u64::MAX), 2).is_err());
+        let alias = SharedAlias::new(&ram, GuestAddress(0x1000), 16).unwrap();
+        assert!(alias.write(10, &[0; 7]).is_err());
+        assert!(alias.read(usize::MAX, &mut [0; 2]).is_err());
+        assert!(alias.read(15, &mut [0; 1]).is_ok());
+    }
+}
