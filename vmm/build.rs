@@ -140,6 +140,12 @@ fn main() {
         );
     }
 
+    // The guest build's warnings would otherwise vanish with its output.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for line in stderr.lines().filter(|line| line.starts_with("warning")) {
+        println!("cargo:warning=guest kernel: {line}");
+    }
+
     let kernel = target_dir.join("release").join(KERNEL_BIN);
     assert!(
         kernel.is_file(),
