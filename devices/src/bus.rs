@@ -102,7 +102,9 @@ impl Bus {
 /// Locks a device, recovering it if a previous holder panicked: a device's
 /// registers stay meaningful and the VMM must keep running.
 fn lock(device: &SharedBusDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -146,14 +148,23 @@ mod tests {
         bus.insert(0x1000, 0x100, echo(0)).unwrap();
         assert_eq!(
             bus.insert(0x10ff, 1, echo(0)),
-            Err(BusError::Overlap { base: 0x10ff, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10ff,
+                len: 1
+            })
         );
         assert_eq!(
             bus.insert(0xf00, 0x101, echo(0)),
-            Err(BusError::Overlap { base: 0xf00, len: 0x101 })
+            Err(BusError::Overlap {
+                base: 0xf00,
+                len: 0x101
+            })
         );
         assert!(bus.insert(0xf00, 0x100, echo(0)).is_ok());
-        assert!(matches!(bus.insert(5, 0, echo(0)), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(5, 0, echo(0)),
+            Err(BusError::InvalidRange { .. })
+        ));
         assert!(matches!(
             bus.insert(u64::MAX, 2, echo(0)),
             Err(BusError::InvalidRange { .. })

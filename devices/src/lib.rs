@@ -5,7 +5,7 @@
 //!
 //! The data path of one flush request, in this crate:
 //! guest write to QueueNotify → [`virtio::mmio`] transport (or an ioeventfd the
-//! VMM registered for the same address) → [`cache_flush::device`] pops the
+//! VMM registered for the same address) → [`cache_flush::handler`] pops the
 //! chain → [`cache_flush::request`] parses and validates it →
 //! [`cache_flush::handler`] hands the batch to the [`cache_flush::CacheFlusher`]
 //! (the VMM's flush engine) and writes the completions while every vCPU is

@@ -6,6 +6,14 @@
 //!   complete.
 //! * [`metrics`]: per-device counters.
 //!
+//! Wiring, in the VMM: build a [`CacheFlush`] from [`CacheFlushSettings`];
+//! take its [`CacheFlush::metrics`] and [`CacheFlush::handler`] (given the
+//! flush engine); put the device behind a
+//! [`crate::virtio::mmio::MmioTransport`] on the MMIO bus; register each of
+//! `transport.queue_notify_eventfds()` as an ioeventfd on
+//! `base + QUEUE_NOTIFY_OFFSET` (4 bytes, datamatch = queue index); add the
+//! handler to the event manager.
+//!
 //! The device does not flush anything itself: it hands validated work to a
 //! [`CacheFlusher`], which the VMM implements with its pause-all flush engine.
 
@@ -14,7 +22,17 @@ use vm_memory::GuestAddress;
 pub mod device;
 pub mod handler;
 pub mod metrics;
+mod rate_limit;
 pub mod request;
+#[cfg(test)]
+mod test_utils;
+#[cfg(test)]
+mod tests;
+
+pub use device::{CacheFlush, CacheFlushSettings};
+pub use handler::CacheFlushHandler;
+pub use metrics::{CacheFlushMetrics, MetricsSnapshot};
+pub use request::{Request, RequestError};
 
 /// A validated extent of guest RAM to write back and invalidate. The device
 /// guarantees `len > 0` and that the whole extent lies inside one region of
