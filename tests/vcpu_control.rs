@@ -59,11 +59,9 @@ fn counting_kernel(detour: Detour) -> Vec<u8> {
 
 fn start(vcpus: u32, detour: Detour) -> RunningVm {
     let config = VmConfig {
-        kernel: counting_kernel(detour),
         vcpus,
         memory_mib: 16,
-        cmdline: String::new(),
-        handle_signals: false,
+        ..VmConfig::new(counting_kernel(detour))
     };
     Vm::new(&config)
         .expect("VM set-up")

@@ -43,6 +43,11 @@ struct Cli {
     #[arg(long, value_name = "STR", default_value = "scenario=boot")]
     cmdline: String,
 
+    /// Do not offer FLUSH_ALL: the guest's full-flush call then reports
+    /// Unsupported, as on a platform that cannot flush whole caches.
+    #[arg(long)]
+    no_full_flush: bool,
+
     /// Log level of the VMM's own messages on stderr: error, warn, info,
     /// debug or trace. RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
@@ -90,6 +95,7 @@ fn run(cli: Cli) -> Result<VmOutcome, Box<dyn std::error::Error>> {
         vcpus: cli.vcpus,
         memory_mib: cli.memory,
         cmdline: cli.cmdline,
+        full_flush: !cli.no_full_flush,
         handle_signals: true,
     };
     let vm = Vm::new(&config)?;

@@ -12,16 +12,25 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use cache_flush_abi::boot::{DeviceEntry, DeviceKind, EXIT_PORT, MAX_VCPUS, SERIAL_PORT};
+use cache_flush_abi::boot::{
+    DeviceEntry, DeviceKind, EXIT_PORT, MAX_VCPUS, MMIO_DEVICES_START, SERIAL_PORT,
+};
+use cache_flush_abi::cache_flush::{DEVICE_ID as CACHE_FLUSH_DEVICE_ID, MAX_QUEUES};
 use devices::bus::Bus;
+use devices::cache_flush::device::{CacheFlush, CacheFlushSettings, DeviceError};
+use devices::cache_flush::handler::CacheFlushHandler;
+use devices::cache_flush::metrics::CacheFlushMetrics;
 use devices::legacy::SerialPort;
+use devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::NoInterrupt;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::boot::{self, BootError};
+use crate::flush_engine::FlushEngine;
 use crate::loader::{self, LoadedKernel, LoaderError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::control::{self, ControlError, VcpuControl};
@@ -41,9 +50,26 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// The kernel command line.
     pub cmdline: String,
+    /// Offer FLUSH_ALL (the `--no-full-flush` flag turns it off).
+    pub full_flush: bool,
     /// Turn SIGINT and SIGTERM into an orderly stop (the binary does; tests
     /// embedding the VMM usually don't).
     pub handle_signals: bool,
+}
+
+impl VmConfig {
+    /// A configuration for `kernel` with one vCPU, 256 MiB, an empty command
+    /// line, full flushes offered and no signal handling.
+    pub fn new(kernel: Vec<u8>) -> Self {
+        Self {
+            kernel,
+            vcpus: 1,
+            memory_mib: 256,
+            cmdline: String::new(),
+            full_flush: true,
+            handle_signals: false,
+        }
+    }
 }
 
 /// Errors of VM set-up and of its control loop.
@@ -76,6 +102,12 @@ pub enum VmError {
     /// The vCPU control channel.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The cache-flush device could not be created.
+    #[error("cannot create the cache-flush device")]
+    Device(#[from] DeviceError),
+    /// The virtio-mmio transport refused the device.
+    #[error("cannot create the virtio-mmio transport")]
+    Transport(#[from] MmioError),
     /// A device could not be placed on a bus.
     #[error("cannot attach a device")]
     Bus(#[from] devices::bus::BusError),
@@ -108,6 +140,15 @@ pub struct Vm {
     outcome: Arc<OutcomeSink>,
     stats: Arc<VcpuStats>,
     handle_signals: bool,
+    flush: CacheFlushService,
+}
+
+/// The cache-flush device as the VM keeps it: its queue worker (added to the
+/// control loop at start), its counters and the engine behind it.
+struct CacheFlushService {
+    handler: Option<CacheFlushHandler>,
+    metrics: Arc<CacheFlushMetrics>,
+    engine: FlushEngine,
 }
 
 impl Vm {
@@ -142,8 +183,8 @@ impl Vm {
         let mut pio = Bus::new();
         let serial = Arc::new(Mutex::new(SerialPort::new(std::io::stdout())));
         pio.insert(u64::from(SERIAL_PORT), 8, serial)?;
-        let mmio = Bus::new();
-        let device_table = vec![
+        let mut mmio = Bus::new();
+        let mut device_table = vec![
             DeviceEntry {
                 kind: DeviceKind::SerialPort as u32,
                 device_id: 0,
@@ -157,6 +198,10 @@ impl Vm {
                 size: 4,
             },
         ];
+        let control = VcpuControl::new(config.vcpus as usize);
+        let (flush, flush_entry) = attach_cache_flush(config, &vm_fd, &ram, &control, &mut mmio)?;
+        device_table.push(flush_entry);
+
         boot::write_boot_structures(
             &ram.memory,
             &ram.layout,
@@ -165,7 +210,6 @@ impl Vm {
             &device_table,
         )?;
 
-        let control = VcpuControl::new(config.vcpus as usize);
         let outcome = OutcomeSink::new().map_err(|source| VmError::Os {
             what: "the outcome eventfd",
             source,
@@ -215,6 +259,7 @@ impl Vm {
             outcome,
             stats,
             handle_signals: config.handle_signals,
+            flush,
         })
     }
 
@@ -229,7 +274,7 @@ impl Vm {
     }
 
     /// Starts every vCPU thread.
-    pub fn start(self) -> Result<RunningVm, VmError> {
+    pub fn start(mut self) -> Result<RunningVm, VmError> {
         control::install_kick_handler()?;
         let signals = if self.handle_signals {
             Some(SignalWatcher::new(self.outcome.clone())?)
@@ -249,6 +294,9 @@ impl Vm {
             threads.push(handle);
         }
         Ok(RunningVm {
+            flush_handler: self.flush.handler.take(),
+            flush_metrics: self.flush.metrics,
+            flush_engine: self.flush.engine,
             _vm_fd: self.vm_fd,
             ram: self.ram,
             control: self.control,
@@ -262,6 +310,9 @@ impl Vm {
 
 /// A VM whose vCPUs run.
 pub struct RunningVm {
+    flush_handler: Option<CacheFlushHandler>,
+    flush_metrics: Arc<CacheFlushMetrics>,
+    flush_engine: FlushEngine,
     _vm_fd: VmFd,
     ram: GuestRam,
     control: Arc<VcpuControl>,
@@ -287,6 +338,16 @@ impl RunningVm {
         &self.ram
     }
 
+    /// The flush engine behind the cache-flush device.
+    pub fn flush_engine(&self) -> &FlushEngine {
+        &self.flush_engine
+    }
+
+    /// The cache-flush device's counters.
+    pub fn flush_metrics(&self) -> &Arc<CacheFlushMetrics> {
+        &self.flush_metrics
+    }
+
     /// Accesses to addresses no device claimed so far.
     pub fn unclaimed_accesses(&self) -> u64 {
         self.stats.unclaimed_accesses.load(Ordering::Relaxed)
@@ -308,6 +369,9 @@ impl RunningVm {
         })));
         if let Some(signals) = self.signals.take() {
             manager.add_subscriber(Arc::new(Mutex::new(signals)));
+        }
+        if let Some(handler) = self.flush_handler.take() {
+            manager.add_subscriber(Arc::new(Mutex::new(handler)));
         }
         while !done.load(Ordering::SeqCst) {
             manager.run().map_err(VmError::EventLoop)?;
@@ -344,6 +408,57 @@ impl Drop for RunningVm {
             self.finish_threads();
         }
     }
+}
+
+/// Creates the cache-flush device and its engine, puts its virtio-mmio
+/// transport on the MMIO bus and routes its queue notifications through
+/// ioeventfds, so a guest's notify costs a quarter of a full exit and never
+/// blocks the notifying vCPU on the flush (HOST-NOTES: ~4 µs against ~16 µs).
+fn attach_cache_flush(
+    config: &VmConfig,
+    vm_fd: &VmFd,
+    ram: &GuestRam,
+    control: &Arc<VcpuControl>,
+    mmio: &mut Bus,
+) -> Result<(CacheFlushService, DeviceEntry), VmError> {
+    let engine = FlushEngine::new(control.clone(), ram.memory.clone());
+    let settings = CacheFlushSettings {
+        num_queues: (config.vcpus as u16).min(MAX_QUEUES),
+        // CLFLUSH reaches every line only on x86-64, the only host this VMM
+        // builds for; elsewhere FULL would not be offered.
+        full_flush: config.full_flush && cfg!(target_arch = "x86_64"),
+        cache_line_size: engine.line_size() as u32,
+        ..CacheFlushSettings::default()
+    };
+    let device = CacheFlush::new(settings)?;
+    let metrics = device.metrics();
+    let handler = device.handler(Box::new(engine.clone()));
+    let transport = MmioTransport::new(device, ram.memory.clone(), Arc::new(NoInterrupt))?;
+    let base = MMIO_DEVICES_START;
+    for (queue, eventfd) in transport.queue_notify_eventfds() {
+        vm_fd
+            .register_ioevent(
+                eventfd,
+                &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                u32::from(queue),
+            )
+            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+    }
+    mmio.insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
+    let entry = DeviceEntry {
+        kind: DeviceKind::VirtioMmio as u32,
+        device_id: CACHE_FLUSH_DEVICE_ID,
+        base,
+        size: MMIO_WINDOW_SIZE,
+    };
+    Ok((
+        CacheFlushService {
+            handler: Some(handler),
+            metrics,
+            engine,
+        },
+        entry,
+    ))
 }
 
 /// Ends the control loop when a vCPU reports how the VM ended.
