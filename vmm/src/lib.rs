@@ -9,6 +9,7 @@
 //!   and releases them.
 //! * [`flush_engine`]: the pause-all flush engine behind the cache-flush
 //!   device.
+//! * [`metrics`]: `--metrics` JSON.
 //! * [`vm`]: puts it all together and runs the control loop.
 #![deny(missing_docs)]
 
@@ -17,6 +18,7 @@ pub mod boot;
 pub mod flush_engine;
 pub mod loader;
 pub mod memory;
+pub mod metrics;
 pub mod vcpu;
 pub mod vm;
 

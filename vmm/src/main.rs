@@ -48,6 +48,27 @@ struct Cli {
     #[arg(long)]
     no_full_flush: bool,
 
+    /// Serve at most N FLUSH_ALL requests per second; more get the BUSY
+    /// status (0 = unlimited).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    full_flush_rate: u64,
+
+    /// Serve at most BYTES of FLUSH_RANGE per second; more get the BUSY
+    /// status (0 = unlimited).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    range_flush_rate: u64,
+
+    /// Write the VMM's counters (requests by type and status, bytes, lines,
+    /// pause and flush time percentiles, rate-limited requests) as JSON to
+    /// PATH, every --metrics-interval seconds and at exit.
+    #[arg(long, value_name = "PATH")]
+    metrics: Option<PathBuf>,
+
+    /// Seconds between two metrics writes.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    metrics_interval: u64,
+
     /// Log level of the VMM's own messages on stderr: error, warn, info,
     /// debug or trace. RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
@@ -96,6 +117,12 @@ fn run(cli: Cli) -> Result<VmOutcome, Box<dyn std::error::Error>> {
         memory_mib: cli.memory,
         cmdline: cli.cmdline,
         full_flush: !cli.no_full_flush,
+        full_flush_rate: cli.full_flush_rate,
+        range_flush_rate: cli.range_flush_rate,
+        metrics: cli.metrics.map(|path| vmm::metrics::MetricsConfig {
+            path,
+            interval: std::time::Duration::from_secs(cli.metrics_interval),
+        }),
         handle_signals: true,
     };
     let vm = Vm::new(&config)?;

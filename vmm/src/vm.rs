@@ -33,6 +33,7 @@ use crate::boot::{self, BootError};
 use crate::flush_engine::FlushEngine;
 use crate::loader::{self, LoadedKernel, LoaderError};
 use crate::memory::{GuestRam, MemoryError};
+use crate::metrics::{MetricsConfig, MetricsSources, MetricsWriter};
 use crate::vcpu::control::{self, ControlError, VcpuControl};
 use crate::vcpu::{IoBuses, OutcomeSink, Vcpu, VcpuStats, VmOutcome};
 
@@ -52,6 +53,12 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Offer FLUSH_ALL (the `--no-full-flush` flag turns it off).
     pub full_flush: bool,
+    /// FLUSH_ALL requests served per second; 0 = unlimited.
+    pub full_flush_rate: u64,
+    /// FLUSH_RANGE bytes served per second; 0 = unlimited.
+    pub range_flush_rate: u64,
+    /// Write metrics as JSON, periodically and at exit.
+    pub metrics: Option<MetricsConfig>,
     /// Turn SIGINT and SIGTERM into an orderly stop (the binary does; tests
     /// embedding the VMM usually don't).
     pub handle_signals: bool,
@@ -67,6 +74,9 @@ impl VmConfig {
             memory_mib: 256,
             cmdline: String::new(),
             full_flush: true,
+            full_flush_rate: 0,
+            range_flush_rate: 0,
+            metrics: None,
             handle_signals: false,
         }
     }
@@ -140,6 +150,7 @@ pub struct Vm {
     outcome: Arc<OutcomeSink>,
     stats: Arc<VcpuStats>,
     handle_signals: bool,
+    metrics: Option<MetricsConfig>,
     flush: CacheFlushService,
 }
 
@@ -259,6 +270,7 @@ impl Vm {
             outcome,
             stats,
             handle_signals: config.handle_signals,
+            metrics: config.metrics.clone(),
             flush,
         })
     }
@@ -294,6 +306,7 @@ impl Vm {
             threads.push(handle);
         }
         Ok(RunningVm {
+            metrics: self.metrics,
             flush_handler: self.flush.handler.take(),
             flush_metrics: self.flush.metrics,
             flush_engine: self.flush.engine,
@@ -310,6 +323,7 @@ impl Vm {
 
 /// A VM whose vCPUs run.
 pub struct RunningVm {
+    metrics: Option<MetricsConfig>,
     flush_handler: Option<CacheFlushHandler>,
     flush_metrics: Arc<CacheFlushMetrics>,
     flush_engine: FlushEngine,
@@ -373,10 +387,38 @@ impl RunningVm {
         if let Some(handler) = self.flush_handler.take() {
             manager.add_subscriber(Arc::new(Mutex::new(handler)));
         }
+        let metrics = match self.metrics.take() {
+            Some(config) => {
+                let writer = Arc::new(Mutex::new(
+                    MetricsWriter::new(config, self.metrics_sources()).map_err(|source| {
+                        VmError::Os {
+                            what: "the metrics timer",
+                            source,
+                        }
+                    })?,
+                ));
+                manager.add_subscriber(writer.clone());
+                Some(writer)
+            }
+            None => None,
+        };
         while !done.load(Ordering::SeqCst) {
             manager.run().map_err(VmError::EventLoop)?;
         }
-        Ok(self.stop())
+        let outcome = self.stop();
+        if let Some(writer) = metrics {
+            writer.lock().unwrap_or_else(|p| p.into_inner()).write_now();
+        }
+        Ok(outcome)
+    }
+
+    /// What the metrics are read from.
+    pub fn metrics_sources(&self) -> MetricsSources {
+        MetricsSources {
+            device: self.flush_metrics.clone(),
+            engine: self.flush_engine.clone(),
+            vcpus: self.stats.clone(),
+        }
     }
 
     /// Stops the VM now (if no outcome was reported, it is `Signal(0)`:
@@ -428,6 +470,8 @@ fn attach_cache_flush(
         // builds for; elsewhere FULL would not be offered.
         full_flush: config.full_flush && cfg!(target_arch = "x86_64"),
         cache_line_size: engine.line_size() as u32,
+        full_per_sec_limit: config.full_flush_rate,
+        range_bytes_per_sec_limit: config.range_flush_rate,
         ..CacheFlushSettings::default()
     };
     let device = CacheFlush::new(settings)?;

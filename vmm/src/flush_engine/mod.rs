@@ -99,9 +99,75 @@ pub struct EngineStats {
     /// design makes this impossible; it is counted so tests can assert it.
     pub vcpus_running_during_flush: AtomicU64,
     last: Mutex<Option<FlushRecord>>,
+    latencies: Mutex<Latencies>,
+}
+
+/// The most recent pause and flush durations, for percentiles.
+#[derive(Default)]
+struct Latencies {
+    pause_ns: Vec<u64>,
+    flush_ns: Vec<u64>,
+    next: usize,
+}
+
+/// How many recent flushes the percentiles are taken over.
+pub const LATENCY_WINDOW: usize = 1 << 16;
+
+/// Percentiles of a set of durations, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `samples`.
+    pub fn of(samples: &[u64]) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        let mut sorted = samples.to_vec();
+        sorted.sort_unstable();
+        let rank = |p: usize| sorted[(sorted.len() * p).div_ceil(100).saturating_sub(1)];
+        Self {
+            count: sorted.len() as u64,
+            p50: rank(50),
+            p90: rank(90),
+            p99: rank(99),
+            max: sorted[sorted.len() - 1],
+        }
+    }
 }
 
 impl EngineStats {
+    fn record_latency(&self, pause_ns: u64, flush_ns: u64) {
+        let mut l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        if l.pause_ns.len() < LATENCY_WINDOW {
+            l.pause_ns.push(pause_ns);
+            l.flush_ns.push(flush_ns);
+        } else {
+            let i = l.next;
+            l.pause_ns[i] = pause_ns;
+            l.flush_ns[i] = flush_ns;
+            l.next = (i + 1) % LATENCY_WINDOW;
+        }
+    }
+
+    /// Percentiles of the pause and flush times of the last
+    /// [`LATENCY_WINDOW`] flushes.
+    pub fn latency_percentiles(&self) -> (Percentiles, Percentiles) {
+        let l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        (Percentiles::of(&l.pause_ns), Percentiles::of(&l.flush_ns))
+    }
+
     /// The record of the last flush that ran.
     pub fn last_flush(&self) -> Option<FlushRecord> {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -305,6 +371,7 @@ impl CacheFlusher for FlushEngine {
                 self.stats
                     .flush_ns
                     .fetch_add(record.flush_ns, Ordering::Relaxed);
+                self.stats.record_latency(record.pause_ns, record.flush_ns);
                 log::debug!(
                     "flushed {} bytes ({} lines, full: {}) in {} shares; pause {} µs, flush {} µs",
                     record.bytes,
@@ -355,4 +422,21 @@ fn flush_extent(
 pub fn current_cpu() -> i32 {
     // SAFETY: sched_getcpu has no memory effects.
     unsafe { libc::sched_getcpu() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Percentiles;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let samples: Vec<u64> = (1..=100).rev().collect();
+        let p = Percentiles::of(&samples);
+        assert_eq!(
+            (p.count, p.p50, p.p90, p.p99, p.max),
+            (100, 50, 90, 99, 100)
+        );
+        assert_eq!(Percentiles::of(&[]), Percentiles::default());
+        assert_eq!(Percentiles::of(&[7]).p50, 7);
+    }
 }
