@@ -26,9 +26,10 @@ use devices::virtio::NoInterrupt;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::alias::{AliasError, SharedAlias};
 use crate::boot::{self, BootError};
 use crate::flush_engine::FlushEngine;
 use crate::loader::{self, LoadedKernel, LoaderError};
@@ -350,6 +351,12 @@ impl RunningVm {
     /// Guest RAM with its backing file.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// A second host mapping of `[gpa, gpa + len)` of guest RAM: the
+    /// "shared" view of a confidential-VM hand-off (see [`SharedAlias`]).
+    pub fn alias(&self, gpa: GuestAddress, len: usize) -> Result<SharedAlias, AliasError> {
+        SharedAlias::new(&self.ram, gpa, len)
     }
 
     /// The flush engine behind the cache-flush device.
