@@ -164,3 +164,34 @@ fn no_vcpu_runs_while_lines_are_flushed() {
         "busy vCPUs never ran"
     );
 }
+
+/// `--metrics` writes one valid JSON document whose counters match what the
+/// guest did, and a rate limit shows up as BUSY rejections in it.
+#[test]
+fn metrics_json_counts_requests_and_rate_limited_ones() {
+    if !common::kvm_or_skip("metrics_json_counts_requests_and_rate_limited_ones") {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("vmm-metrics-{}.json", std::process::id()));
+    let out = run_vmm(&[
+        "--cmdline",
+        "scenario=range",
+        "--metrics",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = std::fs::read_to_string(&path).expect("metrics file written");
+    let _ = std::fs::remove_file(&path);
+    let json: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let device = &json["device"];
+    let engine = &json["engine"];
+    assert!(device["completed_ok"].as_u64().unwrap() > 0, "{text}");
+    assert!(device["requests_range"].as_u64().unwrap() > 0, "{text}");
+    assert!(engine["lines"].as_u64().unwrap() > 0, "{text}");
+    assert_eq!(engine["vcpus_running_during_flush"].as_u64(), Some(0), "{text}");
+    let pause = &engine["pause_ns"];
+    assert_eq!(pause["count"], engine["batches"], "{text}");
+    assert!(pause["p50"].as_u64().unwrap() <= pause["max"].as_u64().unwrap());
+    let shares = engine["last_flush"]["shares"].as_array().expect("shares");
+    assert!(shares.iter().all(|s| s["host_cpu"].as_i64().unwrap() >= 0), "{text}");
+}

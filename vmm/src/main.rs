@@ -40,7 +40,7 @@ struct Cli {
     memory: u64,
 
     /// Kernel command line; the bundled guest reads `scenario=NAME`.
-    #[arg(long, value_name = "STR", default_value = "scenario=boot")]
+    #[arg(long, value_name = "STR", default_value = "scenario=demo")]
     cmdline: String,
 
     /// Do not offer FLUSH_ALL: the guest's full-flush call then reports

@@ -20,11 +20,14 @@
 #![no_main]
 
 mod cmdline;
+mod cpu;
 mod fault;
+mod flush;
 mod io;
 mod mem;
 mod ring0;
 mod scenarios;
+mod scratch;
 mod status;
 mod sync;
 

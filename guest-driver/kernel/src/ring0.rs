@@ -1,5 +1,6 @@
-//! Everything that runs in ring 0, in assembly: the entry point `_start` and the
-//! exception entry. It is all the ring-0 code of the kernel.
+//! Everything that runs in ring 0, in assembly: the entry point `_start`, the
+//! exception entry, and one service for ring 3 ([`wbinvd`]). It is all the
+//! ring-0 code of the kernel.
 //!
 //! Why so little, and why assembly: on this project's hosts the software KVM
 //! runs guest ring 3 natively but interprets guest ring 0 (~1 µs per
@@ -8,10 +9,22 @@
 //! deliver exceptions (GDT, TSS, IDT), then drops to ring 3 with `iretq`; no
 //! compiler-generated code ever runs in ring 0.
 //!
-//! Cost, per vCPU: `_start` executes about 55 instructions plus 5 per IDT gate
-//! (~215 in all, ~0.2 ms emulated; every vCPU writes the same IDT rather than
+//! Cost, per vCPU: `_start` executes about 60 instructions plus 5 per IDT gate
+//! (~220 in all, ~0.2 ms emulated; every vCPU writes the same IDT rather than
 //! wait for vCPU 0, since waiting would be emulated too). An exception costs
-//! about 30 instructions before the ring-3 reporter runs.
+//! about 30 instructions before the ring-3 reporter runs (#UD 5 more, for the
+//! check below).
+//!
+//! The WBINVD service: ring 3 calls `guest_wbinvd_call`, whose `ud2` raises
+//! #UD; the #UD entry checks whether the faulting RIP is that very `ud2` and
+//! if so runs `wbinvd`, steps over the `ud2` and returns with `iretq` (seven
+//! emulated instructions); any other #UD goes to the reporter as before. It
+//! is the negative control of the `probe` scenario: the guest's own WBINVD,
+//! which the software KVM completes without evicting anything. Why not a
+//! DPL-3 gate and `int n`, or `syscall`: on the software KVM of our hosts
+//! `int 0x81` from ring 3 raised #UD, and after `syscall` the `wbinvd` at
+//! LSTAR raised #GP reported at CPL 3 — both measured; exceptions from ring 3
+//! are delivered through the IDT faithfully.
 //!
 //! Memory (all in `.bss`, zero at start, indexed by the vCPU index):
 //! * a [`Ring0Area`] of 4 KiB, aligned to its size: the vCPU index, a "fault
@@ -262,6 +275,12 @@ core::arch::global_asm!(
     "    mov byte ptr [rdx + 2 * 16 + 4], 1",
     "    mov byte ptr [rdx + 8 * 16 + 4], 1",
     "    mov byte ptr [rdx + 18 * 16 + 4], 1",
+    // #UD (6) enters `guest_ud_entry` (the WBINVD service, see the module
+    // documentation): offset[15:0] and offset[31:16] of its gate change.
+    "    lea rax, [rip + guest_ud_entry]",
+    "    mov word ptr [rdx + 6 * 16], ax",
+    "    shr eax, 16",
+    "    mov word ptr [rdx + 6 * 16 + 6], ax",
     "    lidt [rip + guest_idtr]",
     // Drop to ring 3: iretq pops RIP, CS, RFLAGS, RSP, SS. The ring-3 stack
     // starts 8 bytes below its top, as if `call` had pushed a (zero) return
@@ -332,6 +351,20 @@ core::arch::global_asm!(
     "EXCEPTION_STUB 30, 1",                         // #SX
     "EXCEPTION_STUB 31, 0",
     ".org guest_exception_stubs + {vectors} * {stub_size}",
+
+    // ---- #UD: the WBINVD service if the fault is the `ud2` of
+    // `guest_wbinvd_call`, else the ordinary stub. Stack: the CPU's frame
+    // (RIP first; #UD pushes no error code). `pop` leaves the flags of the
+    // `cmp` intact, and rax is restored before either way out.
+    "guest_ud_entry:",
+    "    push rax",
+    "    lea rax, [rip + guest_wbinvd_site]",
+    "    cmp [rsp + 8], rax",
+    "    pop rax",
+    "    jne guest_exception_stubs + 6 * {stub_size}",
+    "    wbinvd",
+    "    add qword ptr [rsp], 2",                  // past the 2-byte ud2
+    "    iretq",
 
     // ---- Common exception path. Stack (rsp0 or IST1): vector, error code,
     // then the CPU's frame RIP, CS, RFLAGS, RSP, SS. Rewrites that frame so
@@ -439,6 +472,35 @@ core::arch::global_asm!(
     main = sym crate::guest_main,
     report = sym crate::fault::report_exception,
 );
+
+// Ring-3 side of the WBINVD service (ordinary code, C ABI, no arguments):
+// the `ud2` is the one `guest_ud_entry` recognises.
+core::arch::global_asm!(
+    ".section .text.wbinvd, \"ax\"",
+    ".global guest_wbinvd_call",
+    ".type guest_wbinvd_call, @function",
+    "guest_wbinvd_call:",
+    "guest_wbinvd_site:",
+    "    ud2",
+    "    ret",
+);
+
+extern "C" {
+    /// See [`wbinvd`].
+    fn guest_wbinvd_call();
+}
+
+/// Executes the guest's own WBINVD (a privileged instruction) from ring 3,
+/// through the #UD entry (see the module documentation): seven emulated
+/// ring-0 instructions. On the project's software-KVM hosts it completes but
+/// evicts nothing; it is the negative control of the `probe` scenario.
+pub fn wbinvd() {
+    // SAFETY: `guest_wbinvd_call` is a C-ABI function without arguments
+    // whose `ud2` the #UD entry turns into `wbinvd` and a return to the
+    // following `ret`, with every register and flag preserved (`iretq`
+    // restores RFLAGS); writing back caches changes no memory contents.
+    unsafe { guest_wbinvd_call() }
+}
 
 const _: () = assert!(RING0_AREA_SIZE == 1 << 12); // `shl rbx, 12` in _start
 const _: () = assert!(VECTORS * STUB_SIZE <= 512); // the stubs' block alignment

@@ -21,3 +21,15 @@ pub const BAD_VCPU_INDEX: u32 = 5;
 pub const BAD_BOOT_INFO: u32 = 6;
 /// The command line names no scenario or an unknown one.
 pub const UNKNOWN_SCENARIO: u32 = 7;
+/// The cache-flush device is in the device table but its driver could not
+/// initialise it (the message on the UART says why). A missing device is a
+/// plain [`SCENARIO_FAILED`].
+pub const DEVICE_INIT_FAILED: u32 = 8;
+/// A `key=value` option of the command line has a value the scenario cannot
+/// use (not a number, or out of range).
+pub const BAD_OPTION: u32 = 9;
+/// A measurement could not be made: the `probe` scenario's comparison was
+/// evicted on every attempt (the pause that serves a request moved the vCPU's
+/// lines away, as with more vCPUs than host cores), so the flush could be
+/// neither confirmed nor refuted.
+pub const INCONCLUSIVE: u32 = 10;
