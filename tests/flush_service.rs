@@ -188,12 +188,19 @@ fn metrics_json_counts_requests_and_rate_limited_ones() {
     assert!(device["completed_ok"].as_u64().unwrap() > 0, "{text}");
     assert!(device["requests_range"].as_u64().unwrap() > 0, "{text}");
     assert!(engine["lines"].as_u64().unwrap() > 0, "{text}");
-    assert_eq!(engine["vcpus_running_during_flush"].as_u64(), Some(0), "{text}");
+    assert_eq!(
+        engine["vcpus_running_during_flush"].as_u64(),
+        Some(0),
+        "{text}"
+    );
     let pause = &engine["pause_ns"];
     assert_eq!(pause["count"], engine["batches"], "{text}");
     assert!(pause["p50"].as_u64().unwrap() <= pause["max"].as_u64().unwrap());
     let shares = engine["last_flush"]["shares"].as_array().expect("shares");
-    assert!(shares.iter().all(|s| s["host_cpu"].as_i64().unwrap() >= 0), "{text}");
+    assert!(
+        shares.iter().all(|s| s["host_cpu"].as_i64().unwrap() >= 0),
+        "{text}"
+    );
 }
 
 /// Flush+Reload from inside the guest: the device's range and full flushes
