@@ -46,7 +46,6 @@ pub const SERIAL_PORT: u16 = 0x3f8;
 /// any other status.
 pub const EXIT_PORT: u16 = 0x500;
 
-
 /// Selectors of the GDT the VMM installs at [`BOOT_GDT_GPA`]. A kernel may keep
 /// using it or load its own; entries 1 to 4 are the flat 64-bit segments a
 /// kernel needs to drop to ring 3 with `iretq`. Entries from
