@@ -471,7 +471,10 @@ fn attach_cache_flush(
     mmio: &mut Bus,
 ) -> Result<(CacheFlushService, DeviceEntry), VmError> {
     let engine = FlushEngine::new(control.clone(), ram.memory.clone());
+    let (full_flush_cost_ns, full_break_even_bytes) = engine.measure_full_flush();
     let settings = CacheFlushSettings {
+        full_flush_cost_ns,
+        full_break_even_bytes,
         num_queues: (config.vcpus as u16).min(MAX_QUEUES),
         // CLFLUSH reaches every line only on x86-64, the only host this VMM
         // builds for; elsewhere FULL would not be offered.

@@ -198,6 +198,37 @@ impl FlushEngine {
         }
     }
 
+    /// Measures, without pausing anything, what a full flush costs now:
+    /// returns (cost in ns, the range size in bytes that costs as much).
+    /// The pause both kinds of request share is left out. Called once when
+    /// the VM is created, so the device can publish the figures in its
+    /// configuration space; (0, 0) if the residency scan fails.
+    pub fn measure_full_flush(&self) -> (u64, u64) {
+        let start = Instant::now();
+        let Ok(extents) = resident::resident_extents(&self.memory) else {
+            return (0, 0);
+        };
+        let scanned = Instant::now();
+        let bytes: u64 = extents
+            .iter()
+            .map(|&(addr, len)| {
+                flush_extent(
+                    &self.memory,
+                    self.instruction,
+                    self.line as usize,
+                    addr,
+                    len,
+                ) * self.line
+            })
+            .sum();
+        let done = Instant::now();
+        let cost_ns = (done - start).as_nanos().max(1) as u64;
+        let flush_ns = (done - scanned).as_nanos().max(1) as u64;
+        // A range of B bytes costs about B / (bytes / flush_ns).
+        let break_even = (u128::from(cost_ns) * u128::from(bytes) / u128::from(flush_ns)) as u64;
+        (cost_ns, break_even.max(self.line))
+    }
+
     /// The cache-line size flushes work in.
     pub fn line_size(&self) -> u64 {
         self.line
