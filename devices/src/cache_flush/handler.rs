@@ -47,6 +47,10 @@ pub const MAX_ROUNDS_PER_EVENT: usize = 4;
 pub struct CacheFlushHandler {
     shared: Arc<Shared>,
     flusher: Box<dyn CacheFlusher>,
+    /// Notifies that arrived while the device was not running (before
+    /// DRIVER_OK, or after a reset): through an ioeventfd they never reach
+    /// the transport, so this is where they are noticed.
+    idle_notifies: u64,
 }
 
 /// A valid request waiting for its flush.
@@ -66,7 +70,11 @@ struct Round {
 
 impl CacheFlushHandler {
     pub(crate) fn new(shared: Arc<Shared>, flusher: Box<dyn CacheFlusher>) -> Self {
-        Self { shared, flusher }
+        Self {
+            shared,
+            flusher,
+            idle_notifies: 0,
+        }
     }
 
     /// The device's counters.
@@ -422,6 +430,18 @@ impl MutEventSubscriber for CacheFlushHandler {
             return;
         }
         self.drain_notifications();
+        if self.shared.lock().active.is_none() {
+            self.idle_notifies += 1;
+            let n = self.idle_notifies;
+            // The first few, then every 1000th: a guest cannot flood the log.
+            if n <= 10 || n % 1000 == 0 {
+                warn!(
+                    "cache-flush: queue {} notified while the device is not running (no DRIVER_OK yet, or reset); ignored ({n} so far)",
+                    events.data()
+                );
+            }
+            return;
+        }
         self.serve();
     }
 

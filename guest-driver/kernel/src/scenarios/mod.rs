@@ -132,6 +132,12 @@ registry!(
     unsupported,
     busy_requests,
     probe,
+    handoff,
+    fault_during_flush,
+    exit_during_flush,
+    no_driver_ok,
+    reset_outstanding,
+    bad_requests,
 );
 
 /// The scenario called `name`.
