@@ -101,3 +101,18 @@ impl Scratch {
         }
     }
 }
+
+/// Carves one `slice`-byte piece per vCPU out of scratch RAM (the same array
+/// on every vCPU) and returns (array base, this vCPU's piece). When RAM is
+/// short, vCPU 0 fails `scenario` with the reason and the others park.
+pub fn per_vcpu_slices(
+    env: &crate::scenarios::Env,
+    scenario: &str,
+    slice: u64,
+) -> Result<(u64, u64), crate::scenarios::Outcome> {
+    match Scratch::new(env.boot_info).take(slice * u64::from(env.vcpu_count), slice) {
+        Ok(base) => Ok((base, base + slice * u64::from(env.vcpu))),
+        Err(e) if env.is_first() => Err(crate::fail!("{scenario}: {e}")),
+        Err(_) => Err(crate::scenarios::Outcome::Park),
+    }
+}

@@ -11,7 +11,6 @@ use guest_driver::Error;
 use super::{Env, Outcome, Scenario};
 use crate::cpu::{rdtsc, spin, timed, Rng};
 use crate::ring0::MAX_CPUS;
-use crate::scratch::Scratch;
 use crate::status;
 use crate::sync::SpinMutex;
 
@@ -58,17 +57,10 @@ fn run(env: &Env) -> Outcome {
         Ok(flush) => flush,
         Err(outcome) => return outcome,
     };
-    let base = match Scratch::new(env.boot_info).take(SLICE * u64::from(env.vcpu_count), SLICE) {
-        Ok(base) => base,
-        Err(e) => {
-            return if env.is_first() {
-                crate::fail!("concurrent: {e}")
-            } else {
-                Outcome::Park
-            }
-        }
+    let (base, mine) = match crate::scratch::per_vcpu_slices(env, "concurrent", SLICE) {
+        Ok(slices) => slices,
+        Err(outcome) => return outcome,
     };
-    let mine = base + SLICE * u64::from(env.vcpu);
     let full = flush.features().full();
     if env.is_first() {
         crate::println!(

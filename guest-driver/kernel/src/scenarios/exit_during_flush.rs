@@ -8,7 +8,6 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::bad_requests::raw_virtio::Deadline;
 use super::{Env, Outcome, Scenario};
-use crate::scratch::Scratch;
 use crate::status;
 
 pub const SCENARIO: Scenario = Scenario {
@@ -38,17 +37,10 @@ fn run(env: &Env) -> Outcome {
         Ok(flush) => flush,
         Err(outcome) => return outcome,
     };
-    let base = match Scratch::new(env.boot_info).take(SLICE * u64::from(env.vcpu_count), SLICE) {
-        Ok(base) => base,
-        Err(e) => {
-            return if env.is_first() {
-                crate::fail!("exit-during-flush: {e}")
-            } else {
-                Outcome::Park
-            }
-        }
+    let (_, mine) = match crate::scratch::per_vcpu_slices(env, "exit-during-flush", SLICE) {
+        Ok(slices) => slices,
+        Err(outcome) => return outcome,
     };
-    let mine = base + SLICE * u64::from(env.vcpu);
 
     if env.vcpu == 1 {
         let deadline = Deadline::after_ms(START_TIMEOUT_MS);

@@ -13,7 +13,6 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use super::bad_requests::raw_virtio::Deadline;
 use super::{Env, Outcome, Scenario};
 use crate::ring0::MAX_CPUS;
-use crate::scratch::Scratch;
 
 pub const SCENARIO: Scenario = Scenario {
     name: "fault-during-flush",
@@ -37,17 +36,10 @@ fn run(env: &Env) -> Outcome {
         Ok(flush) => flush,
         Err(outcome) => return outcome,
     };
-    let base = match Scratch::new(env.boot_info).take(SLICE * u64::from(env.vcpu_count), SLICE) {
-        Ok(base) => base,
-        Err(e) => {
-            return if env.is_first() {
-                crate::fail!("fault-during-flush: {e}")
-            } else {
-                Outcome::Park
-            }
-        }
+    let (_, mine) = match crate::scratch::per_vcpu_slices(env, "fault-during-flush", SLICE) {
+        Ok(slices) => slices,
+        Err(outcome) => return outcome,
     };
-    let mine = base + SLICE * u64::from(env.vcpu);
     let faulter = env.vcpu_count - 1;
     let alone = env.vcpu_count == 1;
 
