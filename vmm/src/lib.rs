@@ -2,6 +2,7 @@
 //! cache-flush service.
 //!
 //! * [`alias`]: a second host mapping of guest RAM (hand-off tests).
+//! * [`bench`]: `vmm bench`, the benchmark of the cache-flush service.
 //! * [`memory`]: guest RAM (memfd-backed, lazily allocated) and its layout.
 //! * [`loader`]: ELF kernel validation and loading.
 //! * [`boot`]: boot information block, GDT, page tables, initial registers.
@@ -14,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod alias;
+pub mod bench;
 pub mod boot;
 pub mod flush_engine;
 pub mod loader;

@@ -21,7 +21,7 @@ Exit codes:
 
 /// Boot a guest kernel on KVM with the paravirtual cache-flush device.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = EXIT_CODES)]
+#[command(version, about, after_help = EXIT_CODES, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// Guest kernel: a static ELF64 x86-64 executable loaded at or above
     /// 1 MiB. Defaults to the guest bundled in this binary.
@@ -73,6 +73,28 @@ struct Cli {
     /// debug or trace. RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log_level: log::LevelFilter,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Subcommands; without one, `vmm` boots the guest as the flags say.
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Benchmark the cache-flush service; write the report to DIR.
+    ///
+    /// Boots benchmark guests, compares against their peers in the same run,
+    /// writes DIR/report.json, DIR/summary.md and SVG charts (progress on
+    /// stderr). Exit code 0 when the report is written, 1 when a measurement
+    /// failed.
+    Bench {
+        /// Directory for the report (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Fewer sizes and repeats, smaller guests: under a minute.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -93,6 +115,15 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
 
+    if let Some(Command::Bench { out, quick }) = cli.command {
+        return match vmm::bench::run(&vmm::bench::BenchOptions { out, quick }) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: bench: {}", error_chain(e.as_ref()));
+                ExitCode::from(1)
+            }
+        };
+    }
     match run(cli) {
         Ok(outcome) => {
             report(&outcome);
@@ -124,6 +155,7 @@ fn run(cli: Cli) -> Result<VmOutcome, Box<dyn std::error::Error>> {
             interval: std::time::Duration::from_secs(cli.metrics_interval),
         }),
         handle_signals: true,
+        serial_out: None,
     };
     let vm = Vm::new(&config)?;
     let running = vm.start()?;

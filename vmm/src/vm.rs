@@ -63,6 +63,9 @@ pub struct VmConfig {
     /// Turn SIGINT and SIGTERM into an orderly stop (the binary does; tests
     /// embedding the VMM usually don't).
     pub handle_signals: bool,
+    /// Where the guest's UART output goes: the VMM's stdout (`None`), or
+    /// appended to this buffer (the bench reads the guest's results here).
+    pub serial_out: Option<Arc<Mutex<Vec<u8>>>>,
 }
 
 impl VmConfig {
@@ -79,6 +82,7 @@ impl VmConfig {
             range_flush_rate: 0,
             metrics: None,
             handle_signals: false,
+            serial_out: None,
         }
     }
 }
@@ -193,7 +197,9 @@ impl Vm {
         let kernel = loader::load(&config.kernel, &ram.memory, &ram.layout)?;
 
         let mut pio = Bus::new();
-        let serial = Arc::new(Mutex::new(SerialPort::new(std::io::stdout())));
+        let serial = Arc::new(Mutex::new(SerialPort::new(SerialSink(
+            config.serial_out.clone(),
+        ))));
         pio.insert(u64::from(SERIAL_PORT), 8, serial)?;
         let mut mmio = Bus::new();
         let mut device_table = vec![
@@ -513,6 +519,30 @@ fn attach_cache_flush(
         },
         entry,
     ))
+}
+
+/// The UART's output: stdout, or a caller's buffer ([`VmConfig::serial_out`]).
+struct SerialSink(Option<Arc<Mutex<Vec<u8>>>>);
+
+impl std::io::Write for SerialSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &self.0 {
+            Some(sink) => {
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            None => std::io::stdout().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &self.0 {
+            Some(_) => Ok(()),
+            None => std::io::stdout().flush(),
+        }
+    }
 }
 
 /// Ends the control loop when a vCPU reports how the VM ended.

@@ -132,6 +132,7 @@ registry!(
     unsupported,
     busy_requests,
     probe,
+    bench,
     handoff,
     fault_during_flush,
     exit_during_flush,

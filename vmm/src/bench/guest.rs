@@ -1,0 +1,152 @@
+//! Boots one benchmark guest through the library and collects what it
+//! printed (`bench: KIND key=value ...` lines), the device's counters and
+//! the record of every flush the engine made.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::cache_flush::metrics::MetricsSnapshot;
+
+use crate::flush_engine::{FlushPhase, FlushRecord};
+use crate::vcpu::VmOutcome;
+use crate::vm::{Vm, VmConfig};
+
+/// One `bench:` line: its kind and its `key=value` numbers.
+#[derive(Clone, Debug)]
+pub struct Line {
+    /// The word after `bench:`.
+    pub kind: String,
+    /// The numbers.
+    pub values: BTreeMap<String, u64>,
+}
+
+impl Line {
+    /// The value of `key` (0 if absent).
+    pub fn get(&self, key: &str) -> u64 {
+        self.values.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// What one guest run gave.
+pub struct GuestRun {
+    /// Its `bench:` lines, in order.
+    pub lines: Vec<Line>,
+    /// The device's counters at the end.
+    pub device: MetricsSnapshot,
+    /// Every flush the engine made, in order.
+    pub flushes: Vec<FlushRecord>,
+    /// Wall time from start to end.
+    pub wall: Duration,
+    /// Full-flush runs: the residency scan alone (what a full flush does
+    /// first, inside the pause), timed on the guest's memory after the run.
+    pub scan_ns: Vec<f64>,
+}
+
+/// Parses the `bench:` lines of `output`.
+pub fn parse(output: &str) -> Vec<Line> {
+    output
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("bench: "))
+        .filter_map(|rest| {
+            let mut words = rest.split_whitespace();
+            let kind = words.next()?.to_string();
+            let values = words
+                .filter_map(|w| w.split_once('='))
+                .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+                .collect();
+            Some(Line { kind, values })
+        })
+        .collect()
+}
+
+/// Boots the bundled guest with `scenario=bench` and `args`, waits for it,
+/// and fails with the guest's own output if it did not succeed.
+pub fn run(vcpus: u32, memory_mib: u64, args: &str) -> Result<GuestRun, String> {
+    let sink = Arc::new(Mutex::new(Vec::new()));
+    let config = VmConfig {
+        vcpus,
+        memory_mib,
+        cmdline: format!("scenario=bench {args}"),
+        serial_out: Some(sink.clone()),
+        ..VmConfig::new(crate::BUNDLED_GUEST_KERNEL.to_vec())
+    };
+    let start = Instant::now();
+    let vm = Vm::new(&config).map_err(|e| format!("VM set-up: {e}"))?;
+    let running = vm.start().map_err(|e| format!("VM start: {e}"))?;
+    let metrics = running.flush_metrics().clone();
+    let stats = running.flush_engine().stats().clone();
+    let records = Arc::new(Mutex::new(Vec::new()));
+    {
+        // At each flush's Paused phase the previous flush's record is final.
+        let (stats, records) = (stats.clone(), records.clone());
+        running
+            .flush_engine()
+            .set_observer(Some(Arc::new(move |phase| {
+                if phase == FlushPhase::Paused {
+                    if let Some(last) = stats.last_flush() {
+                        records.lock().unwrap_or_else(|p| p.into_inner()).push(last);
+                    }
+                }
+            })));
+    }
+    let engine = running.flush_engine().clone();
+    let memory = running.memory().clone();
+    let outcome = running.wait().map_err(|e| format!("VM: {e}"))?;
+    engine.set_observer(None);
+    let wall = start.elapsed();
+    let mut flushes = std::mem::take(&mut *records.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Some(last) = stats.last_flush() {
+        flushes.push(last);
+    }
+    let scan_ns = if args.contains("part=full") {
+        (0..3)
+            .filter_map(|_| {
+                let start = Instant::now();
+                crate::flush_engine::resident::resident_extents(&memory).ok()?;
+                Some(start.elapsed().as_nanos() as f64)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    drop(memory);
+    let output =
+        String::from_utf8_lossy(&sink.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    match outcome {
+        VmOutcome::GuestExit { status: 0, .. } if output.contains("bench: done") => Ok(GuestRun {
+            lines: parse(&output),
+            device: metrics.snapshot(),
+            flushes,
+            wall,
+            scan_ns,
+        }),
+        other => Err(format!(
+            "guest `scenario=bench {args}` on {vcpus} vCPU(s), {memory_mib} MiB ended with {other:?}; its output:\n{output}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn parses_bench_lines_only() {
+        let lines = parse(
+            "demo: hello\nbench: range size=4096 floor=10 dev=20 guest=x\n\
+             bench: done\nnot bench: full dev=1\n",
+        );
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].kind, "range");
+        assert_eq!(
+            (
+                lines[0].get("size"),
+                lines[0].get("dev"),
+                lines[0].get("guest")
+            ),
+            (4096, 20, 0)
+        );
+        assert_eq!(lines[1].kind, "done");
+    }
+}
