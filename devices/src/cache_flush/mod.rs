@@ -20,6 +20,8 @@
 use vm_memory::GuestAddress;
 
 pub mod device;
+#[cfg(test)]
+mod fuzz_regressions;
 pub mod handler;
 pub mod metrics;
 mod rate_limit;
