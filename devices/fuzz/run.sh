@@ -10,13 +10,15 @@
 # (devices/fuzz/seeds/TARGET) plus whatever devices/fuzz/corpus/TARGET holds
 # from earlier runs (new inputs are added there; it is not committed).
 #
-# Exit status: 0 if no target crashed; otherwise 1, after printing each crash
-# artifact's path (devices/fuzz/artifacts/TARGET/...) with the commands that
-# reproduce and decode it. Other failures (install, build) exit non-zero too.
+# Exit status: 0 if no target crashed; otherwise 1, after printing the path
+# of each new crash/timeout/OOM artifact (devices/fuzz/artifacts/TARGET/...)
+# with the commands that reproduce and decode it. Other failures (install,
+# build) exit non-zero too.
 #
 # Environment: FUZZ_TARGETS="a b" runs only those targets; FUZZ_JOBS=N runs N
-# libFuzzer processes per target (default 1); FUZZ_TOOLCHAIN (default
-# nightly) is the toolchain cargo-fuzz builds with.
+# libFuzzer processes per target (default 1; with N > 1 libFuzzer writes
+# their output to devices/fuzz/fuzz-*.log); FUZZ_TOOLCHAIN (default nightly)
+# is the toolchain cargo-fuzz builds with.
 set -euo pipefail
 
 seconds="${1:-600}"
@@ -35,9 +37,11 @@ if ! cargo "+$toolchain" --version >/dev/null 2>&1; then
     exit 1
 fi
 
+start=$SECONDS
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "== installing cargo-fuzz"
     cargo install cargo-fuzz --locked || cargo install cargo-fuzz
+    echo "== cargo-fuzz installed in $((SECONDS - start))s"
 fi
 
 targets="${FUZZ_TARGETS:-$(cargo "+$toolchain" fuzz list)}"
@@ -50,7 +54,19 @@ if [ "$per_target" -lt 1 ]; then
 fi
 
 echo "== building ${targets[*]}"
+built=$SECONDS
 cargo "+$toolchain" fuzz build
+echo "== built in $((SECONDS - built))s"
+
+parallel=()
+if [ "$jobs" -gt 1 ]; then
+    parallel=(-jobs="$jobs" -workers="$jobs")
+fi
+
+artifacts_of() {
+    find "artifacts/$1" -type f \
+        \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' -o -name 'leak-*' \) | sort
+}
 
 crashed=()
 for target in "${targets[@]}"; do
@@ -61,15 +77,13 @@ for target in "${targets[@]}"; do
     if [ -d "seeds/$target" ]; then
         dirs+=("seeds/$target")
     fi
-    # Artifacts from an earlier run would be reported again: start clean.
-    rm -f "artifacts/$target"/crash-* "artifacts/$target"/timeout-* \
-        "artifacts/$target"/oom-* "artifacts/$target"/leak-*
+    # Artifacts of earlier runs are kept; only new ones are reported.
+    old=$(artifacts_of "$target")
     status=0
     cargo "+$toolchain" fuzz run "$target" "${dirs[@]}" -- \
         -max_total_time="$per_target" -rss_limit_mb=2048 -timeout=30 \
-        -jobs="$jobs" -workers="$jobs" -print_final_stats=1 || status=$?
-    found=$(find "artifacts/$target" -type f \
-        \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' -o -name 'leak-*' \) | sort)
+        -print_final_stats=1 ${parallel[@]+"${parallel[@]}"} || status=$?
+    found=$(comm -13 <(echo "$old") <(artifacts_of "$target") | sed '/^$/d')
     if [ "$status" -ne 0 ] || [ -n "$found" ]; then
         echo "!! $target failed (exit status $status)" >&2
         if [ -n "$found" ]; then
@@ -87,4 +101,4 @@ if [ "${#crashed[@]}" -ne 0 ]; then
     echo "== FAILED: ${crashed[*]}" >&2
     exit 1
 fi
-echo "== no crash in ${targets[*]} (${per_target}s each)"
+echo "== no crash in ${targets[*]} (${per_target}s each; $((SECONDS - start))s in all)"

@@ -20,9 +20,20 @@
 //! * a reset during a flush means no guest-memory write for that batch;
 //! * after every event-loop run, every popped chain was answered exactly
 //!   once (the metrics' request counters equal their outcome counters);
+//! * during an event-loop run (when the harness knows the ring layout and no
+//!   flush hook writes memory), the device writes guest memory only in the
+//!   used rings of ready queues and at the first byte of device-writable
+//!   descriptors it could have read, each such byte a status value, no more
+//!   of them than answers given;
 //! * the transport's status bits stay in initialisation order, FEATURES_OK
 //!   implies an acceptable feature set, and the device runs exactly when
-//!   DRIVER_OK is set without DEVICE_NEEDS_RESET.
+//!   DRIVER_OK is set without DEVICE_NEEDS_RESET;
+//! * register reads change nothing and return the fixed values where there
+//!   are some (identification, configuration space, zeros for bad shapes);
+//!   writes the transport must ignore change nothing.
+//!
+//! Half the inputs also format every log line (into a sink), so that the
+//! guest-controlled values in them are exercised too.
 
 use std::sync::{Arc, Mutex};
 
@@ -277,6 +288,35 @@ impl SettingsSpec {
     }
 }
 
+/// A register value: small values (status bit sets, selectors, queue
+/// indexes, 0/1) are what most branches compare against, so they get their
+/// own variant instead of hoping for three zero bytes in a random word.
+#[derive(Arbitrary, Clone, Copy, Debug)]
+pub enum Value {
+    /// 0..=255.
+    Small(u8),
+    /// A power of two (a single bit), `1 << (n % 64)`.
+    Bit(u8),
+    /// Anything.
+    Raw(u64),
+}
+
+impl Value {
+    /// The 64-bit value.
+    pub fn get(self) -> u64 {
+        match self {
+            Value::Small(v) => u64::from(v),
+            Value::Bit(n) => 1 << (n % 64),
+            Value::Raw(v) => v,
+        }
+    }
+
+    /// The low 32 bits.
+    pub fn get32(self) -> u32 {
+        self.get() as u32
+    }
+}
+
 // ----------------------------------------------------------------- flusher --
 
 /// What the fake flush engine does with a batch.
@@ -305,7 +345,16 @@ pub enum Hook {
         /// Register offset / 4.
         word: u8,
         /// Value.
-        value: u32,
+        value: Value,
+    },
+    /// The driver re-publishes the `count` (1..=16) ring slots after the
+    /// current available index (whatever heads they hold): requests arriving
+    /// during the flush, served by the handler's next round.
+    Republish {
+        /// Queue (modulo the queue count).
+        queue: u8,
+        /// How many.
+        count: u8,
     },
 }
 
@@ -315,8 +364,14 @@ pub struct FlushControl {
     pub behaviour: Behaviour,
     /// Run (and consumed) by the next flush, before it completes.
     pub hooks: Vec<Hook>,
+    /// Run by every flush, before it completes (a guest that keeps its
+    /// queues busy: the handler's round budget).
+    pub persistent: Vec<Hook>,
     /// Flushes performed.
     pub calls: usize,
+    /// Each queue's available ring address and size, as the driver set it
+    /// up (for [`Hook::Republish`]).
+    pub avail_rings: Vec<(u64, u16)>,
 }
 
 /// A flush engine that checks every batch against guest memory.
@@ -342,7 +397,9 @@ impl CacheFlusher for CheckingFlusher {
         let (behaviour, hooks) = {
             let mut control = self.control.lock().unwrap();
             control.calls += 1;
-            (control.behaviour, std::mem::take(&mut control.hooks))
+            let mut hooks = std::mem::take(&mut control.hooks);
+            hooks.extend_from_slice(&control.persistent);
+            (control.behaviour, hooks)
         };
         // The device-state lock must be free while the engine runs: this
         // takes it (through the transport, as a vCPU's MMIO exit would).
@@ -357,7 +414,16 @@ impl CacheFlusher for CheckingFlusher {
                     reset = true;
                 }
                 Hook::Register { word, value } => {
-                    write_reg(&self.transport, u32::from(*word) * 4, *value);
+                    write_reg(&self.transport, u32::from(*word) * 4, value.get32());
+                }
+                Hook::Republish { queue, count } => {
+                    let rings = self.control.lock().unwrap().avail_rings.clone();
+                    if let Some(&(avail, _)) = rings.get(usize::from(*queue) % rings.len().max(1)) {
+                        let idx_addr = avail.wrapping_add(2);
+                        let idx = self.memory.read_u16(idx_addr);
+                        let bump = 1 + u16::from(*count % 16);
+                        self.memory.write_u16(idx_addr, idx.wrapping_add(bump));
+                    }
                 }
             }
         }
@@ -612,6 +678,10 @@ pub struct ChainSpec {
     pub second_region: bool,
     /// Through an indirect table.
     pub indirect: bool,
+    /// Zero-length readable descriptors put before the request: `n % 8`, or
+    /// for `n >= 0xf0` about 1024 (the chain-length limit; reachable through
+    /// an indirect table).
+    pub padding: u8,
     /// Corruptions.
     pub tweaks: Vec<Tweak>,
     /// Publication.
@@ -654,7 +724,9 @@ impl Harness {
         let control = Arc::new(Mutex::new(FlushControl {
             behaviour: Behaviour::Ok,
             hooks: Vec::new(),
+            persistent: Vec::new(),
             calls: 0,
+            avail_rings: Vec::new(),
         }));
         let transport = Arc::new(Mutex::new(
             MmioTransport::new(device, memory.mem.clone(), Arc::new(NoInterrupt))
@@ -708,6 +780,23 @@ impl Harness {
     /// and queue layouts (`queues[i]` for queue `i`, default when missing).
     /// Returns whether the device ended up running.
     pub fn init(&mut self, features: u64, queues: &[QueueSpec]) -> bool {
+        self.negotiate(features);
+        self.queues.clear();
+        for i in 0..self.num_queues() {
+            let spec = queues.get(usize::from(i)).copied().unwrap_or_default();
+            let queue = self.setup_queue(i, &spec);
+            self.queues.push(queue);
+        }
+        self.write32(VIRTIO_MMIO_STATUS, 1 | 2 | 4 | 8);
+        self.control.lock().unwrap().avail_rings =
+            self.queues.iter().map(|q| (q.avail, q.size)).collect();
+        self.layout_known = true;
+        self.check_transport();
+        self.transport.lock().unwrap().device().is_active()
+    }
+
+    /// Reset, then initialisation up to FEATURES_OK (§3.1.1 steps 1-6).
+    pub fn negotiate(&mut self, features: u64) {
         self.write32(VIRTIO_MMIO_STATUS, 0);
         self.write32(VIRTIO_MMIO_STATUS, 1);
         self.write32(VIRTIO_MMIO_STATUS, 1 | 2);
@@ -718,16 +807,7 @@ impl Harness {
         self.write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         self.write32(VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
         self.write32(VIRTIO_MMIO_STATUS, 1 | 2 | 8);
-        self.queues.clear();
-        for i in 0..self.num_queues() {
-            let spec = queues.get(usize::from(i)).copied().unwrap_or_default();
-            let queue = self.setup_queue(i, &spec);
-            self.queues.push(queue);
-        }
-        self.write32(VIRTIO_MMIO_STATUS, 1 | 2 | 4 | 8);
-        self.layout_known = true;
         self.check_transport();
-        self.transport.lock().unwrap().device().is_active()
     }
 
     fn ring_addr(&self, spec: RingAddr, default: u64) -> u64 {
@@ -854,6 +934,12 @@ impl Harness {
 
         // (addr, len, flags) of each descriptor, in chain order.
         let mut descs: Vec<(u64, u32, u16)> = Vec::new();
+        let pad_at = self.memory.addr(spec.second_region, 0);
+        let padding = match spec.padding {
+            n @ 0xf0.. => 1020 + usize::from(n & 0xf),
+            n => usize::from(n % 8),
+        };
+        descs.extend((0..padding).map(|_| (pad_at, 0, 0)));
         let mut rest = &bytes[..];
         for &cut in &spec.split {
             let n = usize::from(cut).min(rest.len());
@@ -981,7 +1067,10 @@ impl Harness {
         // Guest-memory writes are checked when the harness knows where the
         // used rings are and nothing but the device writes memory meanwhile
         // (no flush hooks pending).
-        let watch = self.layout_known && self.control.lock().unwrap().hooks.is_empty();
+        let watch = self.layout_known && {
+            let control = self.control.lock().unwrap();
+            control.hooks.is_empty() && control.persistent.is_empty()
+        };
         let mut before = std::mem::take(&mut self.scratch);
         let metrics = self.metrics.snapshot();
         if watch {
@@ -1133,9 +1222,15 @@ impl Harness {
         self.control.lock().unwrap().behaviour = behaviour;
     }
 
-    /// Adds hooks for the next flush.
-    pub fn add_hooks(&self, hooks: &[Hook]) {
-        self.control.lock().unwrap().hooks.extend_from_slice(hooks);
+    /// Adds hooks for the next flush, or (`persistent`) replaces those run
+    /// by every flush.
+    pub fn add_hooks(&self, hooks: &[Hook], persistent: bool) {
+        let mut control = self.control.lock().unwrap();
+        if persistent {
+            control.persistent = hooks.to_vec();
+        } else {
+            control.hooks.extend_from_slice(hooks);
+        }
     }
 }
 
@@ -1288,6 +1383,9 @@ pub enum Action {
     Flusher(Behaviour),
     /// Things happening during the next flush.
     Hooks(Vec<Hook>),
+    /// Things happening during every flush from now on (replacing earlier
+    /// ones; empty to stop).
+    PersistentHooks(Vec<Hook>),
     /// Status = 0.
     Reset,
     /// Reset and initialise again, same layout.
@@ -1297,13 +1395,15 @@ pub enum Action {
         /// Offset / 4.
         word: u8,
         /// Value.
-        value: u32,
+        value: Value,
     },
 }
 
 /// The `request_path` input.
 #[derive(Arbitrary, Clone, Debug)]
 pub struct RequestPathInput {
+    /// Format the device's log lines (into a sink).
+    pub logging: bool,
     /// Memory layout.
     pub layout: Layout,
     /// Device settings.
@@ -1322,8 +1422,40 @@ pub struct RequestPathInput {
     pub actions: Vec<Action>,
 }
 
+/// Formats every log record and throws it away: the device's log lines
+/// (with guest-controlled values in them) are part of the code under test.
+struct SinkLogger;
+
+impl log::Log for SinkLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        use std::io::Write;
+        let _ = write!(std::io::sink(), "{}", record.args());
+    }
+    fn flush(&self) {}
+}
+
+static SINK_LOGGER: SinkLogger = SinkLogger;
+
+/// Installs [`SinkLogger`] (once) and turns logging on or off: formatting
+/// every line is slow, so the input decides.
+pub fn set_logging(on: bool) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = log::set_logger(&SINK_LOGGER);
+    });
+    log::set_max_level(if on {
+        log::LevelFilter::Trace
+    } else {
+        log::LevelFilter::Off
+    });
+}
+
 /// Runs one `request_path` input; returns the device's counters.
 pub fn run_request_path(input: &RequestPathInput) -> MetricsSnapshot {
+    set_logging(input.logging);
     let mut h = Harness::new(input.layout, &input.settings);
     for patch in &input.initial {
         patch.apply(&h.memory);
@@ -1353,7 +1485,11 @@ pub fn run_request_path(input: &RequestPathInput) -> MetricsSnapshot {
             Action::Flusher(b) => h.set_behaviour(*b),
             Action::Hooks(hooks) => {
                 h.layout_known = false;
-                h.add_hooks(hooks);
+                h.add_hooks(hooks, false);
+            }
+            Action::PersistentHooks(hooks) => {
+                h.layout_known = false;
+                h.add_hooks(hooks, true);
             }
             Action::Reset => h.write32(VIRTIO_MMIO_STATUS, 0),
             Action::Reinit => {
@@ -1361,7 +1497,7 @@ pub fn run_request_path(input: &RequestPathInput) -> MetricsSnapshot {
             }
             Action::Register { word, value } => {
                 h.layout_known = false;
-                h.write32(u32::from(*word) * 4, *value);
+                h.write32(u32::from(*word) * 4, value.get32());
             }
         }
         h.check_transport();
@@ -1470,6 +1606,15 @@ impl Width {
 /// One step of `mmio_registers`.
 #[derive(Arbitrary, Clone, Debug)]
 pub enum MmioOp {
+    /// A well-formed access (4 bytes, aligned) to a register of
+    /// [`REGISTERS`]: what a driver does, so made more likely than the odd
+    /// accesses below.
+    Access32 {
+        /// Index into [`REGISTERS`].
+        register: u8,
+        /// A write of this value, or a read.
+        write: Option<Value>,
+    },
     /// A register read.
     Read {
         /// Where.
@@ -1484,8 +1629,11 @@ pub enum MmioOp {
         /// How wide.
         width: Width,
         /// What (the low `width` bytes).
-        value: u64,
+        value: Value,
     },
+    /// The standard initialisation up to FEATURES_OK: queue registers
+    /// may be written next.
+    Negotiate(FeatureSpec),
     /// The standard initialisation sequence.
     Init {
         /// Features accepted.
@@ -1496,7 +1644,7 @@ pub enum MmioOp {
     /// A well-formed request on a queue the harness set up.
     Submit(ChainSpec),
     /// QueueNotify with a 32-bit value.
-    Notify(u32),
+    Notify(Value),
     /// The eventfd of a queue, directly.
     Kick(u8),
     /// One event-loop pass.
@@ -1512,6 +1660,8 @@ pub enum MmioOp {
 /// The `mmio_registers` input.
 #[derive(Arbitrary, Clone, Debug)]
 pub struct MmioInput {
+    /// Format the device's log lines (into a sink).
+    pub logging: bool,
     /// Memory layout.
     pub layout: Layout,
     /// Device settings.
@@ -1547,61 +1697,79 @@ fn expected_read(transport: &MmioTransport<CacheFlush>, offset: u64, width: usiz
     }
 }
 
+/// A read through the window: it returns what the register must hold (where
+/// that is fixed) and changes nothing.
+fn checked_read(h: &Harness, offset: u64, width: usize) {
+    let mut t = h.transport.lock().unwrap();
+    let before = (t.status(), t.acked_features(), t.device().is_active());
+    let expected = expected_read(&t, offset, width);
+    let mut b = [0xa5u8; 8];
+    t.read(offset, &mut b[..width]);
+    let mut v = [0u8; 8];
+    v[..width].copy_from_slice(&b[..width]);
+    let got = u64::from_le_bytes(v);
+    if let Some(expected) = expected {
+        assert_eq!(got, expected, "{width}-byte read at {offset:#x}");
+    }
+    let after = (t.status(), t.acked_features(), t.device().is_active());
+    assert_eq!(before, after, "a read changed the device");
+}
+
+/// A write through the window; one the transport must ignore (wrong width,
+/// misaligned, read-only config space) changes nothing.
+fn checked_write(h: &mut Harness, offset: u64, width: usize, value: u64) {
+    let ignored = offset >= 0x100 || width != 4 || offset % 4 != 0;
+    if !ignored {
+        // May move a ring: memory writes are no longer checked.
+        h.layout_known = false;
+    }
+    let mut t = h.transport.lock().unwrap();
+    let before = (t.status(), t.acked_features(), t.device().is_active());
+    t.write(offset, &value.to_le_bytes()[..width]);
+    if ignored {
+        let after = (t.status(), t.acked_features(), t.device().is_active());
+        assert_eq!(before, after, "an ignored write changed the device");
+    }
+}
+
 /// Runs one `mmio_registers` input; returns the device's counters.
 pub fn run_mmio_registers(input: &MmioInput) -> MetricsSnapshot {
+    set_logging(input.logging);
     let mut h = Harness::new(input.layout, &input.settings);
     for patch in &input.initial {
         patch.apply(&h.memory);
     }
     for op in input.ops.iter().take(MAX_ACTIONS * 2) {
         match op {
-            MmioOp::Read { offset, width } => {
-                let (offset, width) = (offset.offset(), width.bytes());
-                let mut t = h.transport.lock().unwrap();
-                let before = (t.status(), t.acked_features(), t.device().is_active());
-                let expected = expected_read(&t, offset, width);
-                let mut b = [0xa5u8; 8];
-                t.read(offset, &mut b[..width]);
-                let mut v = [0u8; 8];
-                v[..width].copy_from_slice(&b[..width]);
-                let got = u64::from_le_bytes(v);
-                if let Some(expected) = expected {
-                    assert_eq!(got, expected, "{width}-byte read at {offset:#x}");
+            MmioOp::Access32 { register, write } => {
+                let offset = u64::from(REGISTERS[usize::from(*register) % REGISTERS.len()]);
+                match write {
+                    Some(value) => checked_write(&mut h, offset, 4, value.get()),
+                    None => checked_read(&h, offset, 4),
                 }
-                let after = (t.status(), t.acked_features(), t.device().is_active());
-                assert_eq!(before, after, "a read changed the device");
             }
+            MmioOp::Read { offset, width } => checked_read(&h, offset.offset(), width.bytes()),
             MmioOp::Write {
                 offset,
                 width,
                 value,
-            } => {
-                let (offset, width) = (offset.offset(), width.bytes());
-                let ignored = offset >= 0x100 || width != 4 || offset % 4 != 0;
-                if !ignored {
-                    // May move a ring: memory writes are no longer checked.
-                    h.layout_known = false;
-                }
-                let mut t = h.transport.lock().unwrap();
-                let before = (t.status(), t.acked_features(), t.device().is_active());
-                t.write(offset, &value.to_le_bytes()[..width]);
-                if ignored {
-                    let after = (t.status(), t.acked_features(), t.device().is_active());
-                    assert_eq!(before, after, "an ignored write changed the device");
-                }
-            }
+            } => checked_write(&mut h, offset.offset(), width.bytes(), value.get()),
             MmioOp::Init { features, queues } => {
                 h.init(features.bits(), queues);
             }
             MmioOp::Submit(chain) => h.submit(chain),
-            MmioOp::Notify(value) => h.write32(VIRTIO_MMIO_QUEUE_NOTIFY, *value),
+            MmioOp::Notify(value) => h.write32(VIRTIO_MMIO_QUEUE_NOTIFY, value.get32()),
             MmioOp::Kick(q) => h.kick(*q),
             MmioOp::Run => h.run(),
             MmioOp::Patch(patch) => patch.apply(&h.memory),
             MmioOp::Flusher(b) => h.set_behaviour(*b),
+            MmioOp::Negotiate(features) => {
+                h.layout_known = false;
+                h.negotiate(features.bits());
+            }
             MmioOp::Hooks(hooks) => {
                 h.layout_known = false;
-                h.add_hooks(hooks);
+                h.add_hooks(hooks, false);
             }
         }
         h.check_transport();

@@ -8,7 +8,9 @@ use arbitrary::{Arbitrary, Unstructured};
 use devices_fuzz::{run_mmio_registers, run_request_path, MmioInput, RequestPathInput};
 
 fn replay<T: for<'a> Arbitrary<'a>>(target: &str, run: impl Fn(&T)) -> usize {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("seeds")
+        .join(target);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return 0;
     };
@@ -33,6 +35,10 @@ fn request_path_seeds() {
     let n = replay::<RequestPathInput>("request_path", |i| {
         run_request_path(i);
     });
+    assert!(
+        n > 0,
+        "no request_path seed decoded (seeds/request_path/ missing?)"
+    );
     println!("{n} request_path seeds replayed");
 }
 
@@ -41,5 +47,9 @@ fn mmio_registers_seeds() {
     let n = replay::<MmioInput>("mmio_registers", |i| {
         run_mmio_registers(i);
     });
+    assert!(
+        n > 0,
+        "no mmio_registers seed decoded (seeds/mmio_registers/ missing?)"
+    );
     println!("{n} mmio_registers seeds replayed");
 }
