@@ -8,7 +8,7 @@
 //! so a scratch address is both the virtual and the guest-physical address.
 //! With the default 256 MiB that is `[4 MiB, 256 MiB)`.
 
-use cache_flush_abi::boot::{BootInfo, LARGE_PAGE_SIZE};
+use cache_flush_abi::boot::{BootInfo, KERNEL_MIN_GPA, LARGE_PAGE_SIZE};
 
 extern "C" {
     /// First byte of the image (the linker script's `__image_start`).
@@ -116,3 +116,29 @@ pub fn per_vcpu_slices(
         Err(_) => Err(crate::scenarios::Outcome::Park),
     }
 }
+
+/// Whether `[gpa, gpa + len)` is RAM a scenario may use by guest-physical
+/// address: above the VMM's boot structures, inside one RAM region and the
+/// identity map, clear of the kernel image. Each error says which rule broke.
+pub fn check_free_ram(boot_info: &BootInfo, gpa: u64, len: u64) -> Result<(), &'static str> {
+    let end = gpa.checked_add(len).ok_or("overflows")?;
+    if gpa < KERNEL_MIN_GPA {
+        return Err("below 1 MiB (the VMM's boot structures)");
+    }
+    if end > boot_info.identity_map_end
+        || !boot_info
+            .ram_regions()
+            .iter()
+            .any(|r| r.base <= gpa && end <= r.base + r.size)
+    {
+        return Err(NOT_IN_ONE_RAM_REGION);
+    }
+    let (image_start, image_end) = image();
+    if gpa < image_end && image_start < end {
+        return Err("overlaps the kernel image");
+    }
+    Ok(())
+}
+
+/// The error [`check_free_ram`] gives for a range outside one RAM region.
+pub const NOT_IN_ONE_RAM_REGION: &str = "not inside one RAM region";

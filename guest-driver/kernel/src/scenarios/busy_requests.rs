@@ -19,7 +19,6 @@
 
 use core::cell::UnsafeCell;
 
-use cache_flush_abi::boot::KERNEL_MIN_GPA;
 use guest_driver::{Error, Status};
 
 use super::{Env, Outcome, Scenario};
@@ -152,23 +151,8 @@ fn check_counters(env: &Env, gpa: u64, span: u64, buffer: u64) -> Result<(), &'s
     if gpa % 8 != 0 {
         return Err("not 8-byte aligned");
     }
-    let end = gpa.checked_add(span).ok_or("overflows")?;
-    if gpa < KERNEL_MIN_GPA {
-        return Err("below 1 MiB (the VMM's boot structures)");
-    }
-    if end > env.boot_info.identity_map_end
-        || !env
-            .boot_info
-            .ram_regions()
-            .iter()
-            .any(|r| r.base <= gpa && end <= r.base + r.size)
-    {
-        return Err("not inside one RAM region");
-    }
-    let (image_start, image_end) = scratch::image();
-    if gpa < image_end && image_start < end {
-        return Err("overlaps the kernel image");
-    }
+    scratch::check_free_ram(env.boot_info, gpa, span)?;
+    let end = gpa + span;
     if gpa < buffer + BUFFER && buffer < end {
         return Err("overlaps the flush buffer");
     }

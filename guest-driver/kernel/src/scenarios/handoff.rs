@@ -26,7 +26,6 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use cache_flush_abi::boot::KERNEL_MIN_GPA;
 
 use super::bad_requests::raw_virtio::Deadline;
 use super::{Env, Outcome, Scenario};
@@ -175,22 +174,10 @@ fn check_buffer(env: &Env, buffer: u64, len: u64) -> Result<(), &'static str> {
     if len < 2 * MAILBOX_BYTES || len % MAILBOX_BYTES != 0 {
         return Err("len must be a multiple of 64, at least 128 (mailbox line + data)");
     }
-    let end = buffer.checked_add(len).ok_or("overflows")?;
-    if buffer < KERNEL_MIN_GPA {
-        return Err("below 1 MiB (the VMM's boot structures)");
-    }
-    if end > env.boot_info.identity_map_end
-        || !env
-            .boot_info
-            .ram_regions()
-            .iter()
-            .any(|r| r.base <= buffer && end <= r.base + r.size)
-    {
-        return Err("not inside one RAM region (pass another buffer= or a larger --memory)");
-    }
-    let (image_start, image_end) = scratch::image();
-    if buffer < image_end && image_start < end {
-        return Err("overlaps the kernel image");
-    }
-    Ok(())
+    scratch::check_free_ram(env.boot_info, buffer, len).map_err(|why| match why {
+        scratch::NOT_IN_ONE_RAM_REGION => {
+            "not inside one RAM region (pass another buffer= or a larger --memory)"
+        }
+        other => other,
+    })
 }
