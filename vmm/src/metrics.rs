@@ -72,8 +72,8 @@ impl MetricsSources {
             Some(record) => {
                 let _ = write!(
                     out,
-                    "{{\"full\":{},\"bytes\":{},\"pause_ns\":{},\"flush_ns\":{},\"shares\":[",
-                    record.full, record.bytes, record.pause_ns, record.flush_ns
+                    "{{\"full\":{},\"bytes\":{},\"plan_ns\":{},\"pause_ns\":{},\"flush_ns\":{},\"shares\":[",
+                    record.full, record.bytes, record.plan_ns, record.pause_ns, record.flush_ns
                 );
                 for (i, share) in record.shares.iter().enumerate() {
                     let vcpu = share.vcpu.map_or("null".to_string(), |v| v.to_string());

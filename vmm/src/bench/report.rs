@@ -227,7 +227,7 @@ pub fn write(
             limit: 2.0,
             at_most: true,
             why: format!(
-                "full {} vs range {}; the full flush covered {:.1} MiB of resident pages (the guest touched {} MiB; the rest is the kernel image, page tables and queues) in a flush phase of {}; at the same resident size the flush phase of a {smallest} MiB guest took {}, so it grows by {} per GiB of guest RAM; the residency scan alone (mincore over all of guest RAM, run inside the pause), timed by the host on the same {largest} MiB guest, takes {}: a full flush costs by guest size, not by resident size",
+                "full {} vs range {}; the full flush covered {:.1} MiB of resident pages (the guest touched {} MiB; the rest is the kernel image, page tables and queues) in a flush phase of {}; at the same resident size the flush phase of a {smallest} MiB guest took {}, so it grows by {} per GiB of guest RAM; the residency scan (SEEK_DATA/SEEK_HOLE over the memory file, then mincore over what is allocated; it runs before the pause), timed alone by the host on the same {largest} MiB guest, takes {}",
                 us(full),
                 us(range),
                 bytes / MIB as f64,

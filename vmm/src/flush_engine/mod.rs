@@ -1,12 +1,18 @@
 //! The flush engine: the VMM side of the cache-flush device.
 //!
 //! For one batch (every request pending at the same moment):
-//! 1. pause every vCPU through the [`crate::vcpu::control`] channel;
-//! 2. turn the batch into guest-physical extents of whole lines (for a full
-//!    flush: every resident page, see [`resident`]) and split them into one
-//!    share per parked vCPU ([`plan`]);
-//! 3. each parked vCPU thread flushes its share ([`cache_ops`]) on the host
-//!    core it is running on, through the VMM's mapping of guest RAM;
+//! 1. turn the batch into guest-physical extents of whole lines ([`plan`]);
+//!    for a full flush, every page resident now ([`resident`]). This runs
+//!    before the pause, so the guest does not wait for the residency scan
+//!    (it is most of a full flush's time in a large guest). It is still
+//!    exact: every line written before the request was submitted lies in a
+//!    page that was resident when the request arrived; a page first touched
+//!    after that holds only writes concurrent with the request, which no
+//!    cache-invalidation call orders;
+//! 2. pause every vCPU through the [`crate::vcpu::control`] channel;
+//! 3. split the extents into one share per parked vCPU; each parked vCPU
+//!    thread flushes its share ([`cache_ops`]) on the host core it is
+//!    running on, through the VMM's mapping of guest RAM;
 //! 4. when every share is done, the device writes the completions (the
 //!    `complete` callback), and only then are the vCPUs resumed.
 //!
@@ -72,6 +78,9 @@ pub struct FlushRecord {
     pub full: bool,
     /// Bytes flushed (whole lines).
     pub bytes: u64,
+    /// Time to plan the extents (for a full flush: the residency scan),
+    /// before the pause.
+    pub plan_ns: u64,
     /// Time to pause every vCPU.
     pub pause_ns: u64,
     /// Time from paused to every line flushed.
@@ -272,15 +281,28 @@ impl FlushEngine {
         }
     }
 
-    /// Pauses, flushes, calls `complete` (success or failure) while still
-    /// paused, resumes; returns what happened. `complete` is not called only
-    /// when the pause itself failed (nothing was flushed, nothing paused).
+    /// Plans, pauses, flushes, calls `complete` (success or failure) while
+    /// still paused, resumes; returns what happened. A failed plan completes
+    /// the batch with the error without pausing. `complete` is not called
+    /// only when the pause itself failed (nothing was flushed, nothing
+    /// paused).
     fn run(
         &self,
         batch: &FlushBatch,
         complete: &mut dyn FnMut(Result<(), FlushError>),
     ) -> Result<FlushRecord, FlushError> {
         let start = Instant::now();
+        let extents = match self.extents(batch) {
+            Ok(extents) => extents,
+            Err(e) => {
+                // Nothing paused, nothing flushed: the requests fail.
+                complete(Err(FlushError {
+                    reason: e.reason.clone(),
+                }));
+                return Err(e);
+            }
+        };
+        let planned = Instant::now();
         let pause = self
             .control
             .pause_all(PAUSE_TIMEOUT)
@@ -289,7 +311,7 @@ impl FlushEngine {
             })?;
         let paused = Instant::now();
         self.observe(FlushPhase::Paused);
-        let result = self.flush_paused(&pause, batch);
+        let result = self.flush_paused(&pause, &extents);
         let flushed = Instant::now();
         match &result {
             Ok(_) => {
@@ -306,22 +328,22 @@ impl FlushEngine {
             shares,
             bytes,
             full: batch.full,
-            pause_ns: (paused - start).as_nanos() as u64,
+            plan_ns: (planned - start).as_nanos() as u64,
+            pause_ns: (paused - planned).as_nanos() as u64,
             flush_ns: (flushed - paused).as_nanos() as u64,
         })
     }
 
-    /// Flushes `batch` on the parked vCPU threads of `pause`; returns the
+    /// Flushes `extents` on the parked vCPU threads of `pause`; returns the
     /// share records and the bytes flushed.
     fn flush_paused(
         &self,
         pause: &PauseGuard<'_>,
-        batch: &FlushBatch,
+        extents: &[Extent],
     ) -> Result<(Vec<ShareRecord>, u64), FlushError> {
-        let extents = self.extents(batch)?;
         let bytes = extents.iter().map(|e| e.1).sum();
         let workers = pause.parked();
-        let shares = Arc::new(plan::split(&extents, workers.len().max(1), self.line));
+        let shares = Arc::new(plan::split(extents, workers.len().max(1), self.line));
         let records = Arc::new(Mutex::new(Vec::with_capacity(shares.len())));
         let share_of = {
             let shares = shares.clone();
