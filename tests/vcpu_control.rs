@@ -195,15 +195,15 @@ fn work_runs_once_on_each_parked_vcpu_thread() {
 }
 
 #[test]
-fn a_halted_vcpu_does_not_block_a_pause() {
-    if !common::kvm_or_skip("a_halted_vcpu_does_not_block_a_pause") {
+fn a_halted_vcpu_is_paused_at_once_and_still_takes_work() {
+    if !common::kvm_or_skip("a_halted_vcpu_is_paused_at_once_and_still_takes_work") {
         return;
     }
     let vm = start(2, Detour::Halt(1));
     wait_for_progress(&vm, &[0], &[0]);
     let control = vm.control().clone();
     let deadline = Instant::now() + PROGRESS_DEADLINE;
-    while control.run_state(1) != RunState::Exited {
+    while control.run_state(1) != RunState::Halted {
         assert!(Instant::now() < deadline, "vCPU 1 never halted");
         std::thread::yield_now();
     }
@@ -211,8 +211,22 @@ fn a_halted_vcpu_does_not_block_a_pause() {
         let pause = control
             .pause_all(PAUSE_TIMEOUT)
             .expect("pause with a halted vCPU");
-        assert_eq!(pause.parked(), vec![0]);
+        // The halted vCPU's thread is still there and takes work.
+        assert_eq!(pause.parked(), vec![0, 1]);
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let record = ran.clone();
+        let on = pause
+            .run_on_parked(
+                Arc::new(move |vcpu| record.lock().unwrap().push(vcpu)),
+                PAUSE_TIMEOUT,
+            )
+            .expect("work on the parked and the halted vCPU");
+        assert_eq!(on, vec![0, 1]);
+        let mut ran = ran.lock().unwrap().clone();
+        ran.sort_unstable();
+        assert_eq!(ran, vec![0, 1]);
         drop(pause);
+        assert_eq!(control.run_state(1), RunState::Halted, "stays halted");
     }
     assert_eq!(
         vm.outcome(),

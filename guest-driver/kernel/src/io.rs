@@ -30,12 +30,14 @@ pub fn exit(status: u32) -> ! {
     park()
 }
 
-/// Spins forever: for vCPUs that have nothing more to do. They run in ring 3,
-/// natively, so spinning costs the host a thread's time but no emulation.
+/// Idles this vCPU for good: for vCPUs that have nothing more to do. It
+/// halts ([`crate::ring0::halt`]), so its host thread sleeps instead of
+/// taking a host core from the vCPUs that still work (and from the
+/// cache-timing scenarios); the VMM still pauses it and runs flush work on
+/// its thread. When every vCPU has halted without a verdict on the exit port,
+/// the VM ends (exit code 4).
 pub fn park() -> ! {
-    loop {
-        core::hint::spin_loop();
-    }
+    crate::ring0::halt()
 }
 
 /// Owner of the console: 0 when free, otherwise the owning vCPU's index + 1.

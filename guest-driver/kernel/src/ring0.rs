@@ -1,6 +1,6 @@
 //! Everything that runs in ring 0, in assembly: the entry point `_start`, the
-//! exception entry, and one service for ring 3 ([`wbinvd`]). It is all the
-//! ring-0 code of the kernel.
+//! exception entry, and two services for ring 3 ([`wbinvd`], [`halt`]). It is
+//! all the ring-0 code of the kernel.
 //!
 //! Why so little, and why assembly: on this project's hosts the software KVM
 //! runs guest ring 3 natively but interprets guest ring 0 (~1 µs per
@@ -353,15 +353,26 @@ core::arch::global_asm!(
     ".org guest_exception_stubs + {vectors} * {stub_size}",
 
     // ---- #UD: the WBINVD service if the fault is the `ud2` of
-    // `guest_wbinvd_call`, else the ordinary stub. Stack: the CPU's frame
+    // `guest_wbinvd_call`, the HALT service if it is the one of
+    // `guest_halt_call`, else the ordinary stub. Stack: the CPU's frame
     // (RIP first; #UD pushes no error code). `pop` leaves the flags of the
     // `cmp` intact, and rax is restored before either way out.
     "guest_ud_entry:",
     "    push rax",
     "    lea rax, [rip + guest_wbinvd_site]",
     "    cmp [rsp + 8], rax",
+    "    je 71f",
+    "    lea rax, [rip + guest_halt_site]",
+    "    cmp [rsp + 8], rax",
     "    pop rax",
     "    jne guest_exception_stubs + 6 * {stub_size}",
+    // The HALT service: interrupts are off and there are none, so HLT exits
+    // to the VMM, which never runs this vCPU again; halt again if it did.
+    "72:",
+    "    hlt",
+    "    jmp 72b",
+    "71:",
+    "    pop rax",
     "    wbinvd",
     "    add qword ptr [rsp], 2",                  // past the 2-byte ud2
     "    iretq",
@@ -483,11 +494,30 @@ core::arch::global_asm!(
     "guest_wbinvd_site:",
     "    ud2",
     "    ret",
+    ".global guest_halt_call",
+    ".type guest_halt_call, @function",
+    "guest_halt_call:",
+    "guest_halt_site:",
+    "    ud2",
+    "    ud2", // never reached
 );
 
 extern "C" {
     /// See [`wbinvd`].
     fn guest_wbinvd_call();
+    /// See [`halt`].
+    fn guest_halt_call() -> !;
+}
+
+/// Halts this vCPU for good, from ring 3, through the #UD entry like
+/// [`wbinvd`] (HLT is privileged): about ten emulated ring-0 instructions.
+/// There are no interrupts, so nothing wakes it: the VMM keeps the vCPU's
+/// thread asleep (it still takes part in pauses and flush work) until the VM
+/// ends. This is how the kernel idles a vCPU without taking a host core.
+pub fn halt() -> ! {
+    // SAFETY: `guest_halt_call` takes no arguments and never returns: its
+    // `ud2` enters the #UD entry, which halts (and halts again if resumed).
+    unsafe { guest_halt_call() }
 }
 
 /// Executes the guest's own WBINVD (a privileged instruction) from ring 3,

@@ -74,8 +74,21 @@ pub enum RunState {
     Running,
     /// Parked: out of `KVM_RUN`, blocked until released.
     Parked,
+    /// Halted for good (HLT with no interrupt that could ever wake it): the
+    /// thread is out of `KVM_RUN` and never re-enters, but it stays, blocked,
+    /// so that pauses find it parked at once and flush work can still run
+    /// on it, until the VM finishes.
+    Halted,
     /// Its thread has left its run loop for good.
     Exited,
+}
+
+impl RunState {
+    /// Out of `KVM_RUN` with its thread blocked on the control channel,
+    /// where work posted during a pause reaches it.
+    fn takes_work(self) -> bool {
+        matches!(self, RunState::Parked | RunState::Halted)
+    }
 }
 
 /// What a vCPU thread should do next.
@@ -234,8 +247,21 @@ impl VcpuControl {
     /// posted for it meanwhile. Returns [`Directive::Run`] or
     /// [`Directive::Finish`].
     pub fn park(&self, index: usize) -> Directive {
+        self.wait_parked(index, RunState::Parked)
+    }
+
+    /// Called by vCPU thread `index` after the guest halted it for good:
+    /// blocks until the VM finishes, running any work posted for it by a
+    /// pause meanwhile. Returns [`Directive::Finish`].
+    pub fn halted(&self, index: usize) -> Directive {
+        self.wait_parked(index, RunState::Halted)
+    }
+
+    /// The body of [`Self::park`] and [`Self::halted`]: only a parked vCPU
+    /// goes back to running when its pause is lifted.
+    fn wait_parked(&self, index: usize, state: RunState) -> Directive {
         let mut st = self.lock();
-        st.slots[index].state = RunState::Parked;
+        st.slots[index].state = state;
         self.controller_wakeup.notify_all();
         loop {
             // Work first, even when finishing: a controller is waiting for it.
@@ -253,7 +279,7 @@ impl VcpuControl {
             if st.finish {
                 return Directive::Finish;
             }
-            if !st.slots[index].pause_requested {
+            if state == RunState::Parked && !st.slots[index].pause_requested {
                 st.slots[index].state = RunState::Running;
                 return Directive::Run;
             }
@@ -400,14 +426,14 @@ pub struct PauseGuard<'a> {
 }
 
 impl PauseGuard<'_> {
-    /// The paused vCPUs whose threads are alive (parked), in index order:
-    /// the ones that can take a share of work.
+    /// The paused vCPUs whose threads are alive (parked or halted), in
+    /// index order: the ones that can take a share of work.
     pub fn parked(&self) -> Vec<usize> {
         let st = self.control.lock();
         self.vcpus
             .iter()
             .copied()
-            .filter(|&i| st.slots[i].state == RunState::Parked)
+            .filter(|&i| st.slots[i].state.takes_work())
             .collect()
     }
 
@@ -428,14 +454,14 @@ impl PauseGuard<'_> {
             .vcpus
             .iter()
             .copied()
-            .filter(|&i| st.slots[i].state == RunState::Parked)
+            .filter(|&i| st.slots[i].state.takes_work())
             .collect();
         self.control.vcpu_wakeup.notify_all();
         let result = loop {
             let busy: Vec<usize> = ran
                 .iter()
                 .copied()
-                .filter(|&i| st.slots[i].work_done < seq && st.slots[i].state == RunState::Parked)
+                .filter(|&i| st.slots[i].work_done < seq && st.slots[i].state.takes_work())
                 .collect();
             if busy.is_empty() {
                 break Ok(ran);

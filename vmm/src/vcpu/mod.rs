@@ -214,6 +214,8 @@ impl Vcpu {
             }
             Conclusion::Halt => {
                 // No interrupt controller: nothing can wake a halted vCPU.
+                // Its thread stays, like an idle CPU's, so pauses and flush
+                // work still reach it (the flush runs on every vCPU's core).
                 log::info!("vcpu {index}: halted at rip {:#x}", self.rip());
                 let halted = self.halted.fetch_add(1, Ordering::SeqCst) + 1;
                 if halted as usize == self.control.count() {
@@ -222,6 +224,7 @@ impl Vcpu {
                         reason: "every vCPU halted without a verdict on the exit port".into(),
                     });
                 }
+                self.control.halted(index);
                 Step::Stop
             }
             Conclusion::Shutdown => {

@@ -96,7 +96,8 @@ macro_rules! fail {
 pub enum Outcome {
     /// End the VM with this status (see [`crate::status`]).
     Exit(u32),
-    /// Spin forever; another vCPU ends the VM.
+    /// Idle this vCPU for good (it halts, see [`crate::io::park`]); another
+    /// vCPU ends the VM.
     Park,
 }
 
