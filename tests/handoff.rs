@@ -12,7 +12,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{describe, run_vmm};
@@ -130,14 +130,26 @@ fn watchdog(what: String) -> Arc<AtomicBool> {
     done
 }
 
-/// Runs the guest's `handoff` on `vcpus` vCPUs against `host`; returns the
-/// VM's outcome, the host half's result and the final mailbox.
-fn handoff(vcpus: u32, host: Host) -> (VmOutcome, Result<(), String>, u64) {
+/// What one run left behind.
+struct Run {
+    outcome: VmOutcome,
+    /// The host half's result.
+    host: Result<(), String>,
+    mailbox: u64,
+    /// The guest's console output (captured, not printed: the negative
+    /// case's expected FAILED line must not look like a test failure).
+    console: String,
+}
+
+/// Runs the guest's `handoff` on `vcpus` vCPUs against `host`.
+fn handoff(vcpus: u32, host: Host) -> Run {
     let what = format!("handoff on {vcpus} vCPUs, host {host:?}");
     let watchdog = watchdog(what.clone());
+    let console = Arc::new(Mutex::new(Vec::new()));
     let config = VmConfig {
         vcpus,
         cmdline: format!("scenario=handoff buffer={BUFFER:#x} len={LEN}"),
+        serial_out: Some(console.clone()),
         ..VmConfig::new(vmm::BUNDLED_GUEST_KERNEL.to_vec())
     };
     let vm = Vm::new(&config).expect("VM set-up").start().expect("start");
@@ -159,7 +171,13 @@ fn handoff(vcpus: u32, host: Host) -> (VmOutcome, Result<(), String>, u64) {
     let (result, alias) = host_thread.join().expect("host thread");
     let last = mailbox(&alias);
     watchdog.store(true, Ordering::SeqCst);
-    (outcome, result, last)
+    let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+    Run {
+        outcome,
+        host: result,
+        mailbox: last,
+        console,
+    }
 }
 
 #[test]
@@ -168,13 +186,16 @@ fn handoff_round_trip_on_1_2_4_vcpus() {
         return;
     }
     for vcpus in [1, 2, 4] {
-        let (outcome, host, mailbox) = handoff(vcpus, Host::Honest);
+        let run = handoff(vcpus, Host::Honest);
         assert!(
-            matches!(outcome, VmOutcome::GuestExit { status: 0, .. }),
-            "{vcpus} vCPUs: guest verdict {outcome:?}, host side {host:?}"
+            matches!(run.outcome, VmOutcome::GuestExit { status: 0, .. }),
+            "{vcpus} vCPUs: guest verdict {:?}, host side {:?}\n{}",
+            run.outcome,
+            run.host,
+            run.console
         );
-        assert_eq!(host, Ok(()), "{vcpus} vCPUs: host side");
-        assert_eq!(mailbox, GUEST_VERIFIED, "{vcpus} vCPUs: final mailbox");
+        assert_eq!(run.host, Ok(()), "{vcpus} vCPUs: host side");
+        assert_eq!(run.mailbox, GUEST_VERIFIED, "{vcpus} vCPUs: final mailbox");
     }
 }
 
@@ -185,13 +206,22 @@ fn the_guest_notices_a_wrong_word_from_the_host() {
     if !common::kvm_or_skip("the_guest_notices_a_wrong_word_from_the_host") {
         return;
     }
-    let (outcome, host, mailbox) = handoff(2, Host::OneWrongWord);
-    assert_eq!(host, Ok(()));
+    let run = handoff(2, Host::OneWrongWord);
+    assert_eq!(run.host, Ok(()));
     assert!(
-        matches!(outcome, VmOutcome::GuestExit { status: 1, .. }),
-        "guest verdict {outcome:?}"
+        matches!(run.outcome, VmOutcome::GuestExit { status: 1, .. }),
+        "guest verdict {:?}\n{}",
+        run.outcome,
+        run.console
     );
-    assert_eq!(mailbox, HOST_DONE);
+    assert_eq!(run.mailbox, HOST_DONE);
+    // The guest names the word the host wrote wrong (word 125 of the data).
+    assert!(
+        run.console
+            .contains("handoff: FAILED: data word at +0x3e8 (gpa 0x1000428) is 0x0000000000000bad"),
+        "{}",
+        run.console
+    );
 }
 
 /// No host at all: the guest gives up after its timeout with one clear
