@@ -7,6 +7,7 @@
 //! reach the same physical pages; nothing is copied.
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::GuestAddress;
 
@@ -32,6 +33,14 @@ pub enum AliasError {
         len: usize,
         /// Size of the alias.
         size: usize,
+    },
+    /// An atomic access at an offset not aligned to its size.
+    #[error("atomic access at offset {offset:#x} is not {align}-byte aligned")]
+    Misaligned {
+        /// Offset into the alias.
+        offset: usize,
+        /// Required alignment.
+        align: usize,
     },
     /// `mmap` failed.
     #[error("mmap of the guest memory file failed: errno {0}")]
@@ -148,6 +157,33 @@ impl SharedAlias {
         Ok(())
     }
 
+    /// Atomically loads the aligned `u64` at `offset` (Acquire): a mailbox
+    /// word the guest writes with an atomic store is never seen torn, and
+    /// what the guest wrote before it is visible after it.
+    pub fn load_u64(&self, offset: usize) -> Result<u64, AliasError> {
+        Ok(self.atomic_u64(offset)?.load(Ordering::Acquire))
+    }
+
+    /// Atomically stores `value` into the aligned `u64` at `offset`
+    /// (Release): every write made through the alias before it is visible to
+    /// a guest that sees the value.
+    pub fn store_u64(&self, offset: usize, value: u64) -> Result<(), AliasError> {
+        self.atomic_u64(offset)?.store(value, Ordering::Release);
+        Ok(())
+    }
+
+    fn atomic_u64(&self, offset: usize) -> Result<&AtomicU64, AliasError> {
+        let ptr = self.check(offset, 8)?;
+        if ptr as usize % 8 != 0 {
+            return Err(AliasError::Misaligned { offset, align: 8 });
+        }
+        // SAFETY: `ptr` is 8 bytes inside the mapping (checked), aligned
+        // (checked), and the mapping lives as long as `&self`. Every access
+        // to a word used this way is atomic: the guest's through its own
+        // atomics, the host's through these two methods.
+        Ok(unsafe { AtomicU64::from_ptr(ptr.cast()) })
+    }
+
     /// Copies `buf` into the alias at `offset`.
     pub fn write(&self, offset: usize, buf: &[u8]) -> Result<(), AliasError> {
         let dst = self.check(offset, buf.len())?;
@@ -203,5 +239,27 @@ mod tests {
         assert!(alias.write(10, &[0; 7]).is_err());
         assert!(alias.read(usize::MAX, &mut [0; 2]).is_err());
         assert!(alias.read(15, &mut [0; 1]).is_ok());
+    }
+
+    #[test]
+    fn atomic_words_are_shared_with_guest_memory_and_must_be_aligned() {
+        let ram = GuestRam::new(8).unwrap();
+        let alias = SharedAlias::new(&ram, GuestAddress(0x1000), 64).unwrap();
+        alias.store_u64(8, 0x1122_3344_5566_7788).unwrap();
+        assert_eq!(
+            ram.memory.read_obj::<u64>(GuestAddress(0x1008)).unwrap(),
+            0x1122_3344_5566_7788
+        );
+        ram.memory.write_obj(7u64, GuestAddress(0x1010)).unwrap();
+        assert_eq!(alias.load_u64(16).unwrap(), 7);
+        assert_eq!(
+            alias.load_u64(4),
+            Err(AliasError::Misaligned {
+                offset: 4,
+                align: 8
+            })
+        );
+        assert!(alias.store_u64(60, 0).is_err());
+        assert!(alias.load_u64(64).is_err());
     }
 }

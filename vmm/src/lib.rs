@@ -11,6 +11,8 @@
 //! * [`flush_engine`]: the pause-all flush engine behind the cache-flush
 //!   device.
 //! * [`metrics`]: `--metrics` JSON.
+//! * [`reload_probe`]: Flush+Reload from the host through its own mappings
+//!   (the host half of the `host-probe` scenario).
 //! * [`vm`]: puts it all together and runs the control loop.
 #![deny(missing_docs)]
 
@@ -21,6 +23,7 @@ pub mod flush_engine;
 pub mod loader;
 pub mod memory;
 pub mod metrics;
+pub mod reload_probe;
 pub mod vcpu;
 pub mod vm;
 

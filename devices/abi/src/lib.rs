@@ -9,6 +9,8 @@
 //!   `resources/boot-protocol.md`).
 //! * [`cache_flush`]: the paravirtual cache-flush device's wire format (see
 //!   `resources/cache-flush-device.md`).
+//! * [`host_probe`]: the mailbox protocol of the bundled guest's `host-probe`
+//!   scenario (host-side Flush+Reload after a guest request).
 //!
 //! All multi-byte fields are little-endian (the only byte order of x86-64).
 #![no_std]
@@ -16,3 +18,4 @@
 
 pub mod boot;
 pub mod cache_flush;
+pub mod host_probe;

@@ -135,6 +135,7 @@ registry!(
     probe,
     bench,
     handoff,
+    host_probe,
     fault_during_flush,
     exit_during_flush,
     no_driver_ok,
