@@ -456,35 +456,49 @@ impl<'a> HostProbe<'a> {
         cached: u64,
         mut measure: impl FnMut(&mut Self) -> Result<Option<Measurement>, HostProbeError>,
     ) -> Result<Verdict, HostProbeError> {
-        let mut void = 0;
-        let mut last = None;
-        let mut earlier = Vec::new();
-        for attempt in 1..=attempts.max(1) {
-            let Some(measurement) = measure(self)? else {
-                return Ok(Verdict::Unsupported);
-            };
-            if measurement.evicted() {
-                return Ok(Verdict::Evicted {
-                    attempt,
-                    measurement,
-                    earlier,
-                });
-            }
-            if measurement.comparison.median() >= 2 * cached {
-                void += 1;
-            }
-            earlier.push((
-                measurement.measured.median(),
-                measurement.comparison.median(),
-            ));
-            last = Some(measurement);
+        judge(attempts, cached, || measure(self))
+    }
+}
+
+/// The verdict over at most `attempts` measurements (at least one) taken by
+/// `measure` (`None`: not offered): evicted at the first that shows it;
+/// inconclusive when every comparison reloaded at least twice as slowly as
+/// `cached` lines (void attempts); not evicted otherwise.
+fn judge<E>(
+    attempts: u32,
+    cached: u64,
+    mut measure: impl FnMut() -> Result<Option<Measurement>, E>,
+) -> Result<Verdict, E> {
+    let attempts = attempts.max(1);
+    let mut void = 0;
+    let mut earlier = Vec::new();
+    let mut attempt = 1;
+    loop {
+        let Some(measurement) = measure()? else {
+            return Ok(Verdict::Unsupported);
+        };
+        if measurement.evicted() {
+            return Ok(Verdict::Evicted {
+                attempt,
+                measurement,
+                earlier,
+            });
         }
-        let last = last.expect("at least one attempt ran");
-        Ok(if void == attempts.max(1) {
-            Verdict::Inconclusive { last }
-        } else {
-            Verdict::NotEvicted { last }
-        })
+        if measurement.comparison.median() >= 2 * cached {
+            void += 1;
+        }
+        if attempt == attempts {
+            return Ok(if void == attempts {
+                Verdict::Inconclusive { last: measurement }
+            } else {
+                Verdict::NotEvicted { last: measurement }
+            });
+        }
+        earlier.push((
+            measurement.measured.median(),
+            measurement.comparison.median(),
+        ));
+        attempt += 1;
     }
 }
 
@@ -564,4 +578,82 @@ pub fn run_vm(config: &VmConfig, options: &HostProbeOptions) -> Result<ProbeRun,
         outcome: outcome?,
         report,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A measurement whose lines all reloaded in `measured` and `comparison`
+    /// cycles.
+    fn m(measured: u64, comparison: u64) -> Measurement {
+        Measurement {
+            measured: Reload::from_samples(vec![measured; 9]),
+            comparison: Reload::from_samples(vec![comparison; 9]),
+        }
+    }
+
+    fn judged(attempts: u32, series: &[(u64, u64)]) -> Verdict {
+        let mut next = series.iter();
+        judge::<()>(attempts, 80, || Ok(next.next().map(|&(a, b)| m(a, b)))).unwrap()
+    }
+
+    #[test]
+    fn a_flush_that_does_not_evict_never_passes() {
+        // Lines still cached after the "flush": not evicted, however often
+        // it is tried.
+        let v = judged(30, &[(80, 80); 30]);
+        assert!(matches!(v, Verdict::NotEvicted { .. }), "{v}");
+        assert!(!v.passed());
+        // Both slow (the host evicted everything): void, so inconclusive,
+        // which is not a pass either.
+        let v = judged(3, &[(400, 400); 3]);
+        assert!(matches!(v, Verdict::Inconclusive { .. }), "{v}");
+        assert!(!v.passed());
+        // One cached comparison among void ones: a real "not evicted".
+        let v = judged(3, &[(400, 400), (90, 80), (400, 400)]);
+        assert!(matches!(v, Verdict::NotEvicted { .. }), "{v}");
+    }
+
+    #[test]
+    fn the_first_evicting_attempt_decides_and_earlier_ones_are_kept() {
+        let v = judged(5, &[(400, 400), (90, 80), (400, 100), (80, 80)]);
+        match &v {
+            Verdict::Evicted {
+                attempt, earlier, ..
+            } => {
+                assert_eq!(*attempt, 3);
+                assert_eq!(earlier, &vec![(400, 400), (90, 80)]);
+            }
+            other => panic!("{other}"),
+        }
+        assert!(v.passed());
+        // Exactly twice the comparison counts.
+        assert!(judged(1, &[(160, 80)]).passed());
+        assert!(!judged(1, &[(159, 80)]).passed());
+    }
+
+    #[test]
+    fn not_offered_is_skipped_and_zero_attempts_still_measure_once() {
+        assert!(matches!(judged(3, &[]), Verdict::Unsupported));
+        assert!(judged(0, &[(400, 80)]).passed());
+    }
+
+    #[test]
+    fn a_report_is_inconclusive_only_if_nothing_failed() {
+        let report = |range_vmm| HostProbeReport {
+            cpu: 0,
+            cached_median: 80,
+            range_alias: judged(1, &[(400, 80)]),
+            range_vmm,
+            full_alias: Verdict::Unsupported,
+            noop_exit: m(80, 80),
+        };
+        let r = report(judged(2, &[(400, 400); 2]));
+        assert!(r.inconclusive() && !r.passed());
+        let r = report(judged(2, &[(80, 80); 2]));
+        assert!(!r.inconclusive() && !r.passed());
+        let r = report(judged(2, &[(400, 80)]));
+        assert!(!r.inconclusive() && r.passed());
+    }
 }
