@@ -10,9 +10,10 @@
 //!    after that holds only writes concurrent with the request, which no
 //!    cache-invalidation call orders;
 //! 2. pause every vCPU through the [`crate::vcpu::control`] channel;
-//! 3. split the extents into one share per parked vCPU; each parked vCPU
-//!    thread flushes its share ([`cache_ops`]) on the host core it is
-//!    running on, through the VMM's mapping of guest RAM;
+//! 3. split the extents into one share per vCPU thread (parked, or halted
+//!    for good: its thread stays); each flushes its share ([`cache_ops`]) on
+//!    the host core it is running on, through the VMM's mapping of guest
+//!    RAM;
 //! 4. when every share is done, the device writes the completions (the
 //!    `complete` callback), and only then are the vCPUs resumed.
 //!
