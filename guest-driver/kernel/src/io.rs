@@ -40,6 +40,15 @@ pub fn park() -> ! {
     crate::ring0::halt()
 }
 
+/// Spins in ring 3 for good: a busy vCPU, which every flush has to take out
+/// of guest mode (what the benchmark measures against). Use [`park`] for a
+/// vCPU that merely has nothing left to do.
+pub fn busy_forever() -> ! {
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
 /// Owner of the console: 0 when free, otherwise the owning vCPU's index + 1.
 static CONSOLE_OWNER: AtomicU32 = AtomicU32::new(0);
 

@@ -15,8 +15,10 @@
 //!   bytes `requests` times, all at once; vCPU 0 times the whole burst
 //!   between two barriers: `bench: tput vcpus=V requests=N size=S cycles=C`.
 //!
-//! The other vCPUs of `range` and `full` spin in ring 3 (busy vCPUs that
-//! every flush has to pause). Every line ends with `bench: done`.
+//! The other vCPUs of `range` and `full` spin in ring 3
+//! ([`crate::io::busy_forever`]: busy vCPUs that every flush has to pause),
+//! where other scenarios halt their idle vCPUs. Every line ends with
+//! `bench: done`.
 
 use core::arch::asm;
 
@@ -58,7 +60,7 @@ fn run(env: &Env) -> Outcome {
 
 fn range(env: &Env, flush: &Flush) -> Outcome {
     if !env.is_first() {
-        return Outcome::Park;
+        crate::io::busy_forever();
     }
     let (max, reps) = match (env.option_u64("max", 64 * MIB), env.option_u64("reps", 5)) {
         (Ok(max), Ok(reps)) => (max, reps),
@@ -95,7 +97,7 @@ fn range(env: &Env, flush: &Flush) -> Outcome {
 
 fn full(env: &Env, flush: &Flush) -> Outcome {
     if !env.is_first() {
-        return Outcome::Park;
+        crate::io::busy_forever();
     }
     let (touch, reps) = match (env.option_u64("touch", 64 * MIB), env.option_u64("reps", 5)) {
         (Ok(touch), Ok(reps)) => (touch, reps),
