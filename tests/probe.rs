@@ -84,10 +84,34 @@ fn probe_shows_the_flush_evicted_the_guests_lines() {
     }
 }
 
-/// Runs `host-probe` on `vcpus` vCPUs with the host half on a thread of its
-/// own; returns the VM's outcome, the host half's result and the guest's
-/// console output.
-fn host_probe(
+/// Runs `host-probe` on `vcpus` vCPUs (on fresh VMs while inconclusive, see
+/// [`retry_inconclusive`]), asserts that every flush offered evicted the
+/// host's lines and that the guest exited 0, and returns the report.
+fn host_probe_passes(vcpus: u32, full_flush: bool) -> host_probe::HostProbeReport {
+    let what = format!("host-probe on {vcpus} vCPUs, FLUSH_ALL offered: {full_flush}");
+    let (outcome, report, console) = retry_inconclusive(&what, || {
+        let run = host_probe_once(vcpus, full_flush);
+        let inconclusive = run.1.as_ref().is_ok_and(|r| r.inconclusive());
+        (run, inconclusive)
+    });
+    let report = report
+        .unwrap_or_else(|e| panic!("{what}: host half failed: {e}\nguest: {outcome:?}\n{console}"));
+    // Printed so a run shows its figures (`cargo test -- --nocapture`).
+    println!("{what}: {report}");
+    assert!(
+        report.passed(),
+        "{what}: a flush did not evict the host's lines\n{report}\n{console}"
+    );
+    assert!(
+        matches!(outcome, VmOutcome::GuestExit { status: 0, .. }),
+        "{what}: guest verdict {outcome:?}\n{console}"
+    );
+    report
+}
+
+/// One VM of [`host_probe_passes`]; the host half runs on a thread of its
+/// own.
+fn host_probe_once(
     vcpus: u32,
     full_flush: bool,
 ) -> (
@@ -119,28 +143,10 @@ fn host_probe_shows_guest_flushes_evict_every_host_mapping() {
     }
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     for vcpus in [1, 2, 4] {
-        let (outcome, report, console) =
-            retry_inconclusive(&format!("host-probe on {vcpus} vCPUs"), || {
-                let run = host_probe(vcpus, true);
-                let inconclusive = run.1.as_ref().is_ok_and(|r| r.inconclusive());
-                (run, inconclusive)
-            });
-        let report = report.unwrap_or_else(|e| {
-            panic!("{vcpus} vCPUs: host half failed: {e}\nguest: {outcome:?}\n{console}")
-        });
-        // Printed so a run shows its figures (`cargo test -- --nocapture`).
-        println!("{vcpus} vCPUs: {report}");
-        assert!(
-            report.passed(),
-            "{vcpus} vCPUs: a flush did not evict the host's lines\n{report}\n{console}"
-        );
+        let report = host_probe_passes(vcpus, true);
         assert!(
             matches!(report.full_alias, Verdict::Evicted { .. }),
             "{vcpus} vCPUs: FLUSH_ALL is offered, so it must be measured\n{report}"
-        );
-        assert!(
-            matches!(outcome, VmOutcome::GuestExit { status: 0, .. }),
-            "{vcpus} vCPUs: guest verdict {outcome:?}\n{console}"
         );
     }
 }
@@ -153,20 +159,10 @@ fn host_probe_without_full_flush_skips_only_that_measurement() {
         return;
     }
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let (outcome, report, console) = retry_inconclusive("host-probe without FLUSH_ALL", || {
-        let run = host_probe(1, false);
-        let inconclusive = run.1.as_ref().is_ok_and(|r| r.inconclusive());
-        (run, inconclusive)
-    });
-    let report = report.unwrap_or_else(|e| panic!("host half failed: {e}\n{console}"));
+    let report = host_probe_passes(1, false);
     assert!(
         matches!(report.full_alias, Verdict::Unsupported),
         "{report}"
-    );
-    assert!(report.passed(), "{report}\n{console}");
-    assert!(
-        matches!(outcome, VmOutcome::GuestExit { status: 0, .. }),
-        "guest verdict {outcome:?}\n{console}"
     );
 }
 
