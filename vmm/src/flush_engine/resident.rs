@@ -64,10 +64,18 @@ pub fn resident_extents(
     for region in memory.iter() {
         let len = region.len() as usize;
         let base = region.start_addr().0;
+        let whole = || vec![(0, len as u64)];
         let allocated = match region.file_offset() {
-            Some(file) => allocated_extents(file.file().as_raw_fd(), file.start(), len as u64)
-                .map_err(|source| ResidentError::Seek { base, source })?,
-            None => vec![(0, len as u64)],
+            Some(file) => {
+                match allocated_extents(file.file().as_raw_fd(), file.start(), len as u64) {
+                    Ok(extents) => extents,
+                    // A file system without SEEK_DATA/SEEK_HOLE: mincore alone
+                    // is still right, only slower.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => whole(),
+                    Err(source) => return Err(ResidentError::Seek { base, source }),
+                }
+            }
+            None => whole(),
         };
         for (offset, bytes) in allocated {
             // SAFETY: `offset + bytes` lies inside the region (clamped by
