@@ -10,10 +10,12 @@
 
 use cache_flush_abi::cache_flush::Status;
 use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::test_utils::*;
-use super::{GuestExtent, MetricsSnapshot};
+use super::{CacheFlushSettings, GuestExtent, MetricsSnapshot};
 use crate::bus::BusDevice;
 
 const OK: u8 = Status::Ok as u8;
@@ -181,6 +183,126 @@ fn hostile_available_ring() {
 
     assert_eq!(status_of(&mut h, range_request(3, &[(0x1000, 64)])), OK);
     assert_eq!(h.flush_calls().len(), 1);
+    assert_fuzz_invariants(&h);
+}
+
+/// The driver lays queue 0's used ring over an indirect table, so that the
+/// used ring's `idx` is the `flags` of the table's second descriptor, and
+/// makes the same chain available three times. The device reads each chain
+/// when it pops it, after answering the ones before, so its own used-ring
+/// writes change what it reads: its second answer sets `idx` to 2, which is
+/// VIRTQ_DESC_F_WRITE, and the third chain's status goes to the first byte of
+/// a buffer the driver published as device-readable. That is the rule (the
+/// first byte of the first non-empty writable descriptor of the chain the
+/// device read); the fuzz harness used to judge status bytes against the
+/// descriptors as they were before the event-loop run only, and reported
+/// this as a write outside any used ring or status byte (`request_path`,
+/// an indirect chain over queue 0's used ring in region 1, with more chains
+/// available than published).
+#[test]
+fn used_ring_laid_over_an_indirect_table() {
+    let mem = test_memory();
+    let mut h = TestHelper::new(
+        &mem,
+        CacheFlushSettings {
+            num_queues: 1,
+            ..Default::default()
+        },
+    );
+    assert!(h.negotiate(RANGE | V1));
+    h.setup_queues();
+
+    // Indirect table: [0] the header (a FLUSH_RANGE without segments),
+    // [1] a 16-byte readable buffer, the end of the chain: no status byte.
+    // The used ring starts 26 bytes in, so that its `idx` (offset 2) is
+    // entry 1's `flags` (offset 16 + 12) and its first entry's `id` starts
+    // at entry 1's `next`; the rest of the used ring lies after the table.
+    let table = 0x8_0002;
+    let used = table + 26;
+    let header = h.alloc(16);
+    mem.write_slice(&range_request(7, &[]), GuestAddress(header))
+        .unwrap();
+    let buffer = h.alloc(16);
+    mem.write_slice(&[0xaa; 16], GuestAddress(buffer)).unwrap();
+    for (i, desc) in [
+        Descriptor::new(header, 16, VRING_DESC_F_NEXT as u16, 1),
+        Descriptor::new(buffer, 16, 0, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        mem.write_obj(
+            RawDescriptor::from(desc),
+            GuestAddress(table + 16 * i as u64),
+        )
+        .unwrap();
+    }
+    h.write(VIRTIO_MMIO_QUEUE_SEL, 0);
+    h.write(VIRTIO_MMIO_QUEUE_READY, 0);
+    h.write(VIRTIO_MMIO_QUEUE_USED_LOW, used as u32);
+    h.write(VIRTIO_MMIO_QUEUE_USED_HIGH, (used >> 32) as u32);
+    h.write(VIRTIO_MMIO_QUEUE_READY, 1);
+    h.driver_ok();
+    assert_eq!(h.status(), 0xf, "the layout is valid");
+
+    h.store_descriptor(0, 0, table, 32, VRING_DESC_F_INDIRECT as u16, 0);
+    for _ in 0..3 {
+        h.publish(0, 0);
+    }
+    let region0 = |mem: &GuestMemoryMmap| {
+        let mut bytes = vec![0u8; REGION0_END as usize];
+        mem.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+        bytes
+    };
+    let before_bytes = region0(&mem);
+    let before = h.snapshot();
+    h.kick(0);
+
+    // 1: header + buffer, no writable byte: used length 0, and `idx` = 1
+    //    makes entry 1 NEXT, its `next` the used entry's id (0).
+    // 2: entries 0, 1, 0, 1: no writable byte either (and a loop); `idx` = 2
+    //    makes entry 1 a writable buffer that ends the chain.
+    // 3: the header, then the 16-byte writable buffer: a valid request
+    //    without segments, OK (no pause), its status in the buffer's first
+    //    byte.
+    assert_eq!(
+        h.snapshot().since(&before),
+        MetricsSnapshot {
+            requests_range: 1,
+            requests_other: 2,
+            unanswerable: 2,
+            completed_ok: 1,
+            ..Default::default()
+        }
+    );
+    assert!(h.flush_calls().is_empty());
+    let used_entry = |i: u64| -> (u32, u32) {
+        let at = used + 4 + 8 * i;
+        (
+            mem.read_obj(GuestAddress(at)).unwrap(),
+            mem.read_obj(GuestAddress(at + 4)).unwrap(),
+        )
+    };
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 3);
+    assert_eq!(
+        [used_entry(0), used_entry(1), used_entry(2)],
+        [(0, 0), (0, 0), (0, 1)]
+    );
+    let mut status = [0u8; 16];
+    mem.read_slice(&mut status, GuestAddress(buffer)).unwrap();
+    assert_eq!(status[0], OK);
+    assert_eq!(status[1..], [0xaa; 15]);
+    // Nothing else was written: the used ring and that one byte.
+    let used_end = used + 6 + 8 * u64::from(QUEUE_SIZE);
+    for (addr, (old, new)) in before_bytes.iter().zip(region0(&mem)).enumerate() {
+        let addr = addr as u64;
+        if *old != new {
+            assert!(
+                (used..used_end).contains(&addr) || addr == buffer,
+                "{addr:#x} written: {old:#x} -> {new:#x}"
+            );
+        }
+    }
     assert_fuzz_invariants(&h);
 }
 
