@@ -24,7 +24,7 @@ fn outl(port: u16, value: u32) {
 }
 
 /// Ends the VM with `status` (see [`crate::status`]). The VMM stops every vCPU
-/// once the exit port is written; until it has, this vCPU spins.
+/// once the exit port is written; until it has, this vCPU halts ([`park`]).
 pub fn exit(status: u32) -> ! {
     outl(EXIT_PORT, status);
     park()
