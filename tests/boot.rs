@@ -288,3 +288,34 @@ fn help_documents_every_flag_and_the_exit_codes() {
         assert!(help.contains(flag), "--help lacks {flag}\n{help}");
     }
 }
+
+/// A kernel whose every vCPU halts: the halted vCPUs' threads stay (they
+/// idle, see `resources/boot-protocol.md`), and once the last one has halted
+/// the VM ends with exit code 4 and one line saying why, every thread
+/// finished.
+#[test]
+fn a_guest_whose_vcpus_all_halt_ends_with_exit_code_4() {
+    if !common::kvm_or_skip("a_guest_whose_vcpus_all_halt_ends_with_exit_code_4") {
+        return;
+    }
+    let (path, mut file) = tempfile();
+    file.write_all(&common::raw_kernel(&[0xf4, 0xeb, 0xfd])) // hlt; jmp hlt
+        .unwrap();
+    drop(file);
+    for vcpus in ["1", "3"] {
+        let out = run_vmm(&["--kernel", path.to_str().unwrap(), "--vcpus", vcpus]);
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{vcpus} vCPUs\n{}",
+            describe(&out)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("error: every vCPU halted without a verdict on the exit port"),
+            "{}",
+            describe(&out)
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+}
