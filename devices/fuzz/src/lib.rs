@@ -1258,17 +1258,11 @@ impl Harness {
     /// Every popped chain was answered exactly once.
     pub fn check_metrics(&self) {
         let m = self.metrics.snapshot();
-        let received = m.requests_range + m.requests_full + m.requests_other;
-        let answered = m.completed_ok
-            + m.rejected_invalid
-            + m.rejected_unsupported
-            + m.rejected_out_of_range
-            + m.rejected_too_large
-            + m.rejected_busy
-            + m.completed_host_error
-            + m.unanswerable
-            + m.dropped_after_reset;
-        assert_eq!(received, answered, "requests received vs answered: {m:?}");
+        assert_eq!(
+            m.received(),
+            m.answered(),
+            "requests received vs answered: {m:?}"
+        );
         assert!(m.full_batches <= m.batches, "{m:?}");
         assert!(m.flush_failures <= m.batches, "{m:?}");
     }

@@ -41,16 +41,8 @@ fn assert_fuzz_invariants(h: &TestHelper) {
     }
     let m = h.snapshot();
     assert_eq!(
-        m.requests_range + m.requests_full + m.requests_other,
-        m.completed_ok
-            + m.rejected_invalid
-            + m.rejected_unsupported
-            + m.rejected_out_of_range
-            + m.rejected_too_large
-            + m.rejected_busy
-            + m.completed_host_error
-            + m.unanswerable
-            + m.dropped_after_reset,
+        m.received(),
+        m.answered(),
         "every popped chain is answered exactly once: {m:?}"
     );
 }

@@ -104,6 +104,27 @@ counters! {
     flush_failures,
 }
 
+impl MetricsSnapshot {
+    /// Chains taken off the queues, counted by type.
+    pub fn received(&self) -> u64 {
+        self.requests_range + self.requests_full + self.requests_other
+    }
+
+    /// Chains given an outcome: equal to [`Self::received`] once the device
+    /// is idle (every popped chain is answered exactly once).
+    pub fn answered(&self) -> u64 {
+        self.completed_ok
+            + self.rejected_invalid
+            + self.rejected_unsupported
+            + self.rejected_out_of_range
+            + self.rejected_too_large
+            + self.rejected_busy
+            + self.completed_host_error
+            + self.unanswerable
+            + self.dropped_after_reset
+    }
+}
+
 impl CacheFlushMetrics {
     /// Adds `n` to `counter`.
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -152,5 +173,14 @@ mod tests {
         assert!(json.starts_with("{\"requests_range\":2,\"requests_full\":0,"));
         assert!(json.contains("\"bytes_requested\":4096"));
         assert!(json.ends_with("\"flush_failures\":0}"));
+        assert_eq!((delta.received(), delta.answered()), (2, 2));
+        // Bytes and batches are neither requests nor outcomes.
+        let other = MetricsSnapshot {
+            requests_other: 1,
+            dropped_after_reset: 3,
+            batches: 5,
+            ..Default::default()
+        };
+        assert_eq!((other.received(), other.answered()), (1, 3));
     }
 }
