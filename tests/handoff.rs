@@ -36,16 +36,15 @@ const HOST_PATTERN: u64 = 0x484f_5354_0000_0000;
 /// How long the host waits for the guest: a hang guard only.
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The mailbox word (Acquire: pairs with the guest's Release store, so the
+/// guest's data is visible once its value is).
 fn mailbox(alias: &SharedAlias) -> u64 {
-    let mut raw = [0u8; 8];
-    alias.read(0, &mut raw).expect("mailbox inside the alias");
-    u64::from_le_bytes(raw)
+    alias.load_u64(0).expect("mailbox inside the alias")
 }
 
+/// Sets the mailbox (Release: the host's data before the value).
 fn set_mailbox(alias: &SharedAlias, value: u64) {
-    alias
-        .write(0, &value.to_le_bytes())
-        .expect("mailbox inside the alias");
+    alias.store_u64(0, value).expect("mailbox inside the alias");
 }
 
 /// Polls the mailbox until it holds `value`; `Err` with what it saw if the

@@ -146,11 +146,9 @@ fn host_half(alias: &SharedAlias, vm_ended: &AtomicBool) -> Result<(), String> {
         word.copy_from_slice(&(HOST_PATTERN ^ (8 * i as u64)).to_le_bytes());
     }
     alias.write(DATA, &data).map_err(|e| e.to_string())?;
-    // The data before the mailbox: both go through the same mapping, in
-    // program order, and x86 keeps stores in order.
-    alias
-        .write(0, &HOST_DONE.to_le_bytes())
-        .map_err(|e| e.to_string())?;
+    // The data before the mailbox: a Release store, paired with the
+    // guest's Acquire load of the mailbox.
+    alias.store_u64(0, HOST_DONE).map_err(|e| e.to_string())?;
     eprintln!("host: host pattern written; mailbox=2");
 
     wait_for(alias, GUEST_VERIFIED, vm_ended)?;
@@ -165,9 +163,8 @@ fn wait_for(alias: &SharedAlias, value: u64, vm_ended: &AtomicBool) -> Result<()
         // Read the flag first: if the VM had ended before the mailbox was
         // read, the mailbox is final.
         let ended = vm_ended.load(Ordering::SeqCst);
-        let mut raw = [0u8; 8];
-        alias.read(0, &mut raw).map_err(|e| e.to_string())?;
-        let seen = u64::from_le_bytes(raw);
+        // Acquire: the guest's data is visible once its mailbox value is.
+        let seen = alias.load_u64(0).map_err(|e| e.to_string())?;
         if seen == value {
             return Ok(());
         }
