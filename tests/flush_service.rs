@@ -123,6 +123,13 @@ fn no_vcpu_runs_while_lines_are_flushed() {
                         moved.fetch_add(1, Ordering::SeqCst);
                     }
                 }
+                // The answer has been written: still no guest progress.
+                FlushPhase::Completed => {
+                    if *at_pause.lock().unwrap() != read() {
+                        moved.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                FlushPhase::Resumed => {}
             })));
     }
     let engine = vm.flush_engine().clone();

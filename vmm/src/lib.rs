@@ -9,7 +9,7 @@
 //! * [`vcpu`]: vCPU threads and their exit handling; [`vcpu::control`] pauses
 //!   and releases them.
 //! * [`flush_engine`]: the pause-all flush engine behind the cache-flush
-//!   device.
+//!   device (its own crate, `devices/flush-engine`, instantiated here).
 //! * [`metrics`]: `--metrics` JSON.
 //! * [`reload_probe`]: Flush+Reload from the host through its own mappings
 //!   (the host half of the `host-probe` scenario).
@@ -19,7 +19,18 @@
 pub mod alias;
 pub mod bench;
 pub mod boot;
-pub mod flush_engine;
+/// The flush engine (crate `flush-engine`), as this VMM instantiates it: its
+/// vCPU control channel implements the engine's pause traits
+/// ([`vcpu::control`]), over guest memory held in an `Arc`.
+pub mod flush_engine {
+    pub use ::flush_engine::*;
+
+    /// The engine over this VMM's vCPUs and guest memory.
+    pub type FlushEngine = ::flush_engine::FlushEngine<
+        crate::vcpu::control::VcpuControl,
+        std::sync::Arc<vm_memory::GuestMemoryMmap>,
+    >;
+}
 pub mod loader;
 pub mod memory;
 pub mod metrics;

@@ -476,7 +476,7 @@ fn attach_cache_flush(
     control: &Arc<VcpuControl>,
     mmio: &mut Bus,
 ) -> Result<(CacheFlushService, DeviceEntry), VmError> {
-    let engine = FlushEngine::new(control.clone(), ram.memory.clone());
+    let engine = FlushEngine::new(control.clone(), Arc::new(ram.memory.clone()));
     let (full_flush_cost_ns, full_break_even_bytes) = engine.measure_full_flush();
     let settings = CacheFlushSettings {
         full_flush_cost_ns,

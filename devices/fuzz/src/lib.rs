@@ -43,7 +43,7 @@ use arbitrary::Arbitrary;
 use cache_flush_abi::cache_flush::{Config, F_FULL, F_RANGE, F_VERSION_1, QUEUE_SIZE_MAX};
 use devices::bus::BusDevice;
 use devices::cache_flush::{
-    CacheFlush, CacheFlushMetrics, CacheFlushSettings, CacheFlusher, FlushBatch, FlushError,
+    CacheFlush, CacheFlushMetrics, CacheFlushSettings, BatchCompletion, FlushBackend, FlushBatch, FlushError,
     MetricsSnapshot,
 };
 use devices::virtio::mmio::MmioTransport;
@@ -324,13 +324,16 @@ impl Value {
 /// What the fake flush engine does with a batch.
 #[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Behaviour {
-    /// Calls `complete(Ok)`.
+    /// Answers `Ok`.
     Ok,
-    /// Calls `complete(Err)`.
+    /// Answers `Err` (HOST_ERROR).
     Fail,
-    /// Returns without calling `complete` (an engine bug the handler covers).
+    /// Drops the completion unanswered (a back-end bug: the completion
+    /// answers HOST_ERROR itself).
     NoComplete,
-    /// Calls `complete` twice (an engine bug the handler covers).
+    /// Answers `Ok`. This was "complete twice", which the completion's type
+    /// now rules out (answering consumes it); the variant stays so recorded
+    /// inputs decode as before.
     DoubleComplete,
 }
 
@@ -384,8 +387,8 @@ pub struct CheckingFlusher {
     max_extents: u64,
 }
 
-impl CacheFlusher for CheckingFlusher {
-    fn flush(&self, batch: &FlushBatch, complete: &mut dyn FnMut(Result<(), FlushError>)) {
+impl FlushBackend for CheckingFlusher {
+    fn flush(&self, batch: FlushBatch, done: BatchCompletion) {
         assert!(!batch.is_empty(), "the flush engine got an empty batch");
         for extent in &batch.extents {
             self.memory
@@ -435,15 +438,11 @@ impl CacheFlusher for CheckingFlusher {
             snapshot
         });
         match behaviour {
-            Behaviour::Ok => complete(Ok(())),
-            Behaviour::Fail => complete(Err(FlushError {
+            Behaviour::Ok | Behaviour::DoubleComplete => done.complete(Ok(())),
+            Behaviour::Fail => done.complete(Err(FlushError {
                 reason: "fuzz: told to fail".into(),
             })),
-            Behaviour::NoComplete => {}
-            Behaviour::DoubleComplete => {
-                complete(Ok(()));
-                complete(Ok(()));
-            }
+            Behaviour::NoComplete => drop(done),
         }
         if let Some(before) = before {
             assert!(

@@ -23,7 +23,7 @@ use super::handler::CacheFlushHandler;
 use super::metrics::CacheFlushMetrics;
 use super::rate_limit::TokenBucket;
 use super::request::RequestLimits;
-use super::CacheFlusher;
+use super::FlushBackend;
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 
 /// The largest `max_segments` a device accepts: the device holds a request's
@@ -216,7 +216,7 @@ impl CacheFlush {
     /// device). `flusher` is the flush engine; it is called on the thread
     /// that runs the event loop, never on a vCPU thread, and never with a
     /// device lock held.
-    pub fn handler(&self, flusher: Box<dyn CacheFlusher>) -> CacheFlushHandler {
+    pub fn handler(&self, flusher: Box<dyn FlushBackend>) -> CacheFlushHandler {
         CacheFlushHandler::new(self.shared.clone(), flusher)
     }
 

@@ -8,10 +8,10 @@
 //! 2. lock the device state; pop every available chain of every queue;
 //!    parse and validate each; complete the invalid ones at once with their
 //!    status; gather the valid ones into one [`FlushBatch`]; unlock;
-//! 3. call the flush engine with the batch. It pauses every vCPU, flushes,
-//!    and calls back (vCPUs still paused) to write each request's status
-//!    byte and used entry — under the lock again, and only if the device was
-//!    not reset meanwhile;
+//! 3. hand the batch to the [`FlushBackend`] with a [`BatchCompletion`]. The
+//!    back end pauses every vCPU, flushes, and answers (vCPUs still paused),
+//!    which writes each request's status byte and used entry — under the
+//!    lock again, and only if the device was not reset meanwhile;
 //! 4. re-check the queues: requests that arrived during the flush (whose
 //!    notify may have been drained in step 1 of this very event) are served
 //!    by the next round.
@@ -33,7 +33,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::device::{Active, Shared};
 use super::metrics::CacheFlushMetrics;
 use super::request::{ParsedChain, Request, RequestError};
-use super::{CacheFlusher, FlushBatch, FlushError};
+use super::{BatchCompletion, FlushBackend, FlushBatch, FlushError};
 use crate::virtio::VirtioInterrupt;
 
 /// How many pop-flush-complete rounds one event may run. A guest that keeps
@@ -46,7 +46,7 @@ pub const MAX_ROUNDS_PER_EVENT: usize = 4;
 /// it registers the queue eventfds itself in `init`.
 pub struct CacheFlushHandler {
     shared: Arc<Shared>,
-    flusher: Box<dyn CacheFlusher>,
+    flusher: Box<dyn FlushBackend>,
     /// Notifies that arrived while the device was not running (before
     /// DRIVER_OK, or after a reset): through an ioeventfd they never reach
     /// the transport, so this is where they are noticed.
@@ -69,7 +69,7 @@ struct Round {
 }
 
 impl CacheFlushHandler {
-    pub(crate) fn new(shared: Arc<Shared>, flusher: Box<dyn CacheFlusher>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, flusher: Box<dyn FlushBackend>) -> Self {
         Self {
             shared,
             flusher,
@@ -215,28 +215,14 @@ impl CacheFlushHandler {
         if batch.full {
             CacheFlushMetrics::add(&metrics.full_batches, 1);
         }
-        let mut pending = Some(pending);
-        {
-            let shared = &*self.shared;
-            let mut complete = |result: Result<(), FlushError>| match pending.take() {
-                Some(pending) => complete_batch(shared, generation, pending, result),
-                None => warn!("cache-flush: flush engine called `complete` twice; ignored"),
-            };
-            self.flusher.flush(&batch, &mut complete);
-        }
-        if let Some(pending) = pending.take() {
-            // A flush engine bug. The guest would otherwise wait forever; the
-            // vCPUs are running again, so the ordering promise is already
-            // broken: say so with HOST_ERROR.
-            error!("cache-flush: flush engine returned without calling `complete`");
-            let reason = "flush engine did not complete the batch".to_string();
-            complete_batch(
-                &self.shared,
-                generation,
-                pending,
-                Err(FlushError { reason }),
-            );
-        }
+        // The answer owns what it needs, so the back end may give it from
+        // any thread, after `flush` returned; if it is dropped unanswered it
+        // answers HOST_ERROR itself.
+        let shared = self.shared.clone();
+        let done = BatchCompletion::new(move |result| {
+            complete_batch(&shared, generation, pending, result)
+        });
+        self.flusher.flush(batch, done);
     }
 }
 
@@ -353,7 +339,7 @@ fn notify_driver(
     }
 }
 
-/// The flush engine's callback: runs with every vCPU paused. Writes the
+/// The answer to a batch: the back end runs it with every vCPU paused. Writes the
 /// status byte and used entry of every request of the batch — unless the
 /// driver reset the device since the batch was popped, in which case the
 /// rings may already be reused and nothing is written.

@@ -15,7 +15,7 @@
 //! handler to the event manager.
 //!
 //! The device does not flush anything itself: it hands validated work to a
-//! [`CacheFlusher`], which the VMM implements with its pause-all flush engine.
+//! [`FlushBackend`], which the VMM implements with its pause-all flush engine.
 
 use vm_memory::GuestAddress;
 
@@ -73,11 +73,55 @@ pub struct FlushError {
     pub reason: String,
 }
 
-/// The boundary between the device and the VMM's flush engine.
-pub trait CacheFlusher: Send {
+/// The answer to one batch, owed exactly once. A back end calls
+/// [`BatchCompletion::complete`] **while every vCPU is still paused** (that
+/// is what makes an OK status a promise). It is an owned value, so a back end
+/// may answer from any thread, after `flush` has returned: the device does
+/// not depend on its caller blocking. Dropped unanswered (a back-end bug, or
+/// a panic unwinding through it), it answers HOST_ERROR itself, so a
+/// request is never left without an answer.
+pub struct BatchCompletion {
+    answer: Option<Answer>,
+}
+
+/// What answering a batch does (the device writes its status bytes).
+type Answer = Box<dyn FnOnce(Result<(), FlushError>) + Send>;
+
+impl BatchCompletion {
+    /// A completion that runs `answer` with the batch's outcome.
+    pub fn new(answer: impl FnOnce(Result<(), FlushError>) + Send + 'static) -> Self {
+        Self {
+            answer: Some(Box::new(answer)),
+        }
+    }
+
+    /// Answers the batch: `Ok` only if every line was written back and
+    /// invalidated while no vCPU ran.
+    pub fn complete(mut self, result: Result<(), FlushError>) {
+        if let Some(answer) = self.answer.take() {
+            answer(result);
+        }
+    }
+}
+
+impl Drop for BatchCompletion {
+    fn drop(&mut self) {
+        if let Some(answer) = self.answer.take() {
+            log::error!("cache-flush: the flush back end dropped a batch without answering it; answering HOST_ERROR");
+            answer(Err(FlushError {
+                reason: "the flush back end did not answer the batch".into(),
+            }));
+        }
+    }
+}
+
+/// The boundary between the device and whatever performs its flushes (this
+/// project's `flush-engine` crate; a test double; another VMM's engine).
+pub trait FlushBackend: Send {
     /// Pauses every vCPU, writes back and invalidates every cache line of
-    /// `batch` on every vCPU's physical core, then calls `complete` with the
-    /// outcome **while every vCPU is still paused**, and only then resumes
-    /// them. `complete` is called exactly once, also on failure.
-    fn flush(&self, batch: &FlushBatch, complete: &mut dyn FnMut(Result<(), FlushError>));
+    /// `batch` on every vCPU's physical core, answers `done` with the outcome
+    /// **while every vCPU is still paused**, and only then resumes them.
+    /// May return before answering (an asynchronous back end); `done` is
+    /// answered exactly once either way.
+    fn flush(&self, batch: FlushBatch, done: BatchCompletion);
 }

@@ -15,8 +15,8 @@ use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::{BatchCompletion, FlushBackend, FlushBatch, FlushError, MetricsSnapshot};
 use super::{CacheFlush, CacheFlushHandler, CacheFlushMetrics, CacheFlushSettings};
-use super::{CacheFlusher, FlushBatch, FlushError, MetricsSnapshot};
 use crate::bus::BusDevice;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::{VirtioDevice, VirtioInterrupt};
@@ -98,8 +98,9 @@ pub enum Behaviour {
     Fail,
     /// Return without calling `complete` (an engine bug).
     NoComplete,
-    /// Call `complete` twice (an engine bug).
-    DoubleComplete,
+    /// Answer from another thread after `flush` has returned (an
+    /// asynchronous back end).
+    Deferred,
 }
 
 type Hook = Box<dyn FnMut(&FlushBatch) + Send>;
@@ -114,13 +115,16 @@ pub struct FlushControl {
     pub before_complete: Option<Hook>,
     /// Runs inside `flush`, after `complete` ("vCPUs still paused").
     pub after_complete: Option<Hook>,
+    /// Threads answering [`Behaviour::Deferred`] batches.
+    pub deferred: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// A flush engine that records its calls.
 pub struct FakeFlusher(pub Arc<Mutex<FlushControl>>);
 
-impl CacheFlusher for FakeFlusher {
-    fn flush(&self, batch: &FlushBatch, complete: &mut dyn FnMut(Result<(), FlushError>)) {
+impl FlushBackend for FakeFlusher {
+    fn flush(&self, batch: FlushBatch, done: BatchCompletion) {
+        let batch = &batch;
         // Take the hooks out so they may lock the control themselves.
         let (behaviour, mut before, mut after) = {
             let mut control = self.0.lock().unwrap();
@@ -135,14 +139,14 @@ impl CacheFlusher for FakeFlusher {
             hook(batch);
         }
         match behaviour {
-            Behaviour::Ok => complete(Ok(())),
-            Behaviour::Fail => complete(Err(FlushError {
+            Behaviour::Ok => done.complete(Ok(())),
+            Behaviour::Fail => done.complete(Err(FlushError {
                 reason: "told to fail".into(),
             })),
-            Behaviour::NoComplete => {}
-            Behaviour::DoubleComplete => {
-                complete(Ok(()));
-                complete(Ok(()));
+            Behaviour::NoComplete => drop(done),
+            Behaviour::Deferred => {
+                let answered = std::thread::spawn(move || done.complete(Ok(())));
+                self.0.lock().unwrap().deferred.push(answered);
             }
         }
         if let Some(hook) = after.as_mut() {
@@ -213,6 +217,7 @@ impl<'a> TestHelper<'a> {
             behaviour: Behaviour::Ok,
             before_complete: None,
             after_complete: None,
+            deferred: Vec::new(),
         }));
         let handler = Arc::new(Mutex::new(
             device.handler(Box::new(FakeFlusher(flush.clone()))),

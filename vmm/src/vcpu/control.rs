@@ -17,9 +17,12 @@
 //! host a spinning waiter steals the core a vCPU needs to reach its park).
 //! Every wait of the controller has a deadline and a named error.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use flush_engine::{PauseError, PausedVcpus, VcpuPause, WorkFn, Worker};
 
 /// How often an unanswered pause request is re-sent.
 pub const KICK_INTERVAL: Duration = Duration::from_millis(10);
@@ -269,7 +272,13 @@ impl VcpuControl {
                 let seq = st.work_seq;
                 if let Some(work) = st.work.clone() {
                     drop(st);
-                    work(index);
+                    // A panic in the work must not end this vCPU's thread
+                    // (nor leave its slot parked for good): it is contained
+                    // here; the controller learns of it because the work did
+                    // not report success (the flush engine counts its lines).
+                    if catch_unwind(AssertUnwindSafe(|| work(index))).is_err() {
+                        log::error!("vcpu {index}: work run during a pause panicked");
+                    }
                     st = self.lock();
                 }
                 st.slots[index].work_done = seq;
@@ -383,7 +392,13 @@ impl VcpuControl {
 
     /// Asks every vCPU thread to leave its run loop, and waits (up to
     /// `timeout`) until all have. Returns the ones that did not.
+    ///
+    /// Serialised with pauses: a pause in progress (its work on the parked
+    /// threads included) ends first, so a flush never loses a worker to a
+    /// concurrent stop. Pauses are bounded by their own deadlines, so this
+    /// wait is too.
     pub fn finish(&self, timeout: Duration) -> Vec<usize> {
+        let _controller = self.controller.lock().unwrap_or_else(|p| p.into_inner());
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         st.finish = true;
@@ -497,5 +512,69 @@ impl Drop for PauseGuard<'_> {
             st.slots[i].pause_requested = false;
         }
         self.control.vcpu_wakeup.notify_all();
+    }
+}
+
+// ---- the flush engine's seam ------------------------------------------------
+
+impl From<ControlError> for PauseError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::PauseTimeout { vcpus, timeout } => {
+                PauseError::PauseTimeout { vcpus, timeout }
+            }
+            ControlError::WorkTimeout { vcpus, timeout } => PauseError::WorkTimeout {
+                workers: vcpus,
+                timeout,
+            },
+            other => PauseError::Other(other.to_string()),
+        }
+    }
+}
+
+/// The flush engine pauses this VMM's vCPUs through the control channel.
+impl VcpuPause for VcpuControl {
+    type Paused<'a> = PauseGuard<'a>;
+
+    fn pause_all(&self, timeout: Duration) -> Result<PauseGuard<'_>, PauseError> {
+        VcpuControl::pause_all(self, timeout).map_err(PauseError::from)
+    }
+
+    fn last_host_cpu(&self, vcpu: usize) -> Option<i32> {
+        let cpu = VcpuControl::last_host_cpu(self, vcpu);
+        (cpu >= 0).then_some(cpu)
+    }
+
+    fn vcpus_in_guest(&self) -> Option<usize> {
+        Some(self.vcpus_in_kvm_run())
+    }
+}
+
+/// The engine's shares run on the parked vCPU threads (so on the host cores
+/// the guest occupies), one share per parked or halted thread.
+impl PausedVcpus for PauseGuard<'_> {
+    fn worker_count(&self) -> usize {
+        self.parked().len()
+    }
+
+    fn run_on_vcpus(&self, work: WorkFn, timeout: Duration) -> Result<(), PauseError> {
+        // `finish` waits for this pause, so the parked set cannot shrink
+        // between `worker_count` and here; if a thread died anyway (a panic
+        // outside the contained work), its share never runs and the
+        // engine's line count fails the batch.
+        let workers = self.parked();
+        self.run_on_parked(
+            Arc::new(move |vcpu| {
+                if let Some(index) = workers.iter().position(|&v| v == vcpu) {
+                    work(Worker {
+                        index,
+                        vcpu: Some(vcpu),
+                    });
+                }
+            }),
+            timeout,
+        )
+        .map(drop)
+        .map_err(PauseError::from)
     }
 }

@@ -18,11 +18,17 @@
 
 use std::os::fd::AsRawFd;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 /// Errors of the residency scan.
 #[derive(Debug, thiserror::Error)]
 pub enum ResidentError {
+    /// A region has no mapping in this process.
+    #[error("the guest region at {base:#x} is not mapped in the VMM")]
+    NotMapped {
+        /// Guest-physical base of the region.
+        base: u64,
+    },
     /// `mincore` failed on a region.
     #[error("mincore failed on the guest region at {base:#x}")]
     Mincore {
@@ -55,15 +61,22 @@ pub fn page_size() -> usize {
 }
 
 /// The resident extents of guest memory, as (guest address, length), with
-/// neighbouring resident pages merged.
-pub fn resident_extents(
-    memory: &GuestMemoryMmap,
+/// neighbouring resident pages of one region merged. Extents never cross a
+/// region edge, even where two regions are adjacent: each region is its own
+/// host mapping. A region this process has no mapping of is an error (its
+/// lines could not be flushed).
+pub fn resident_extents<M: GuestMemoryBackend>(
+    memory: &M,
 ) -> Result<Vec<(GuestAddress, u64)>, ResidentError> {
     let page = page_size();
     let mut extents: Vec<(GuestAddress, u64)> = Vec::new();
     for region in memory.iter() {
         let len = region.len() as usize;
         let base = region.start_addr().0;
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| ResidentError::NotMapped { base })?;
+        let region_first = extents.len();
         let whole = || vec![(0, len as u64)];
         let allocated = match region.file_offset() {
             Some(file) => {
@@ -80,11 +93,14 @@ pub fn resident_extents(
         for (offset, bytes) in allocated {
             // SAFETY: `offset + bytes` lies inside the region (clamped by
             // `allocated_extents`), a live mapping owned by `memory`.
-            let ptr = unsafe { region.as_ptr().add(offset as usize) };
+            let ptr = unsafe { host.add(offset as usize) };
             in_memory_runs(ptr, bytes as usize, page, |run_offset, run_bytes| {
                 let start = offset + run_offset as u64;
+                let in_this_region = extents.len() > region_first;
                 match extents.last_mut() {
-                    Some((last, last_len)) if last.0 + *last_len == base + start => {
+                    Some((last, last_len))
+                        if in_this_region && last.0 + *last_len == base + start =>
+                    {
                         *last_len += run_bytes as u64
                     }
                     _ => extents.push((GuestAddress(base + start), run_bytes as u64)),
@@ -163,12 +179,15 @@ fn in_memory_runs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::GuestRam;
+    use crate::test_support::MemfdRam;
+    use std::os::fd::AsRawFd;
     use vm_memory::Bytes;
+
+    const MIB: usize = 1 << 20;
 
     #[test]
     fn only_touched_pages_are_resident() {
-        let ram = GuestRam::new(16).unwrap();
+        let ram = MemfdRam::new(&[(0, 16 * MIB)]);
         assert_eq!(resident_extents(&ram.memory).unwrap(), vec![]);
         let page = page_size() as u64;
         ram.memory.write_obj(1u8, GuestAddress(3 * page)).unwrap();
@@ -186,13 +205,14 @@ mod tests {
     }
 
     #[test]
-    fn pages_above_the_mmio_hole_are_found_at_their_guest_address() {
-        // 4 GiB of RAM: 3 GiB below the hole, 1 GiB from 4 GiB up, the second
-        // region at file offset 3 GiB. Lazily backed, so this costs nothing.
-        let ram = GuestRam::new(4096).unwrap();
+    fn pages_above_a_hole_are_found_at_their_guest_address() {
+        // Two regions with a gap, the second at file offset 1 MiB. Lazily
+        // backed, so this costs nothing.
+        let high_base = 4u64 << 30;
+        let ram = MemfdRam::new(&[(0, MIB), (high_base, MIB)]);
         let page = page_size() as u64;
         let low = GuestAddress(5 * page);
-        let high = GuestAddress((4 << 30) + 7 * page);
+        let high = GuestAddress(high_base + 7 * page);
         ram.memory.write_obj(1u8, low).unwrap();
         ram.memory.write_obj(1u8, high).unwrap();
         ram.memory
@@ -205,8 +225,29 @@ mod tests {
     }
 
     #[test]
+    fn extents_never_cross_adjacent_regions() {
+        // Two regions back to back in guest-physical space: the last page of
+        // the first and the first page of the second are resident. They are
+        // contiguous guest addresses but two host mappings, so two extents.
+        let ram = MemfdRam::new(&[(0, MIB), (MIB as u64, MIB)]);
+        let page = page_size() as u64;
+        let edge = MIB as u64;
+        ram.memory
+            .write_obj(1u8, GuestAddress(edge - page))
+            .unwrap();
+        ram.memory.write_obj(1u8, GuestAddress(edge)).unwrap();
+        assert_eq!(
+            resident_extents(&ram.memory).unwrap(),
+            vec![
+                (GuestAddress(edge - page), page),
+                (GuestAddress(edge), page)
+            ]
+        );
+    }
+
+    #[test]
     fn allocated_extents_skip_holes_and_clamp_to_the_range() {
-        let ram = GuestRam::new(16).unwrap();
+        let ram = MemfdRam::new(&[(0, 16 * MIB)]);
         let page = page_size() as u64;
         for p in [2, 3, 9] {
             ram.memory.write_obj(1u8, GuestAddress(p * page)).unwrap();

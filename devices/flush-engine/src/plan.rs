@@ -33,6 +33,61 @@ pub fn normalise(extents: &[Extent], line: u64) -> Vec<Extent> {
         .collect()
 }
 
+/// Why a batch cannot be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// Part of an extent lies in no region of guest memory: those lines
+    /// cannot be flushed, so the batch must not be answered OK.
+    #[error("guest-physical range {start:#x}..{end:#x} is not in guest RAM")]
+    NotInMemory {
+        /// First byte outside every region.
+        start: u64,
+        /// End of the uncovered part.
+        end: u64,
+    },
+}
+
+/// Cuts sorted, merged `extents` at the edges of `regions` (each
+/// `(guest base, length)`, sorted by base), so every extent lies inside one
+/// region: [`normalise`] merges extents that touch, and two regions may be
+/// adjacent (an embedder's layout, hotplugged memory), yet one host mapping
+/// covers only one region. Any byte outside every region fails the plan.
+pub fn split_at_regions(
+    extents: &[Extent],
+    regions: &[(u64, u64)],
+) -> Result<Vec<Extent>, PlanError> {
+    let mut out = Vec::with_capacity(extents.len());
+    for &(addr, len) in extents {
+        let (mut start, end) = (addr.0, addr.0 + len);
+        while start < end {
+            let region = regions
+                .iter()
+                .find(|&&(base, size)| start >= base && start - base < size);
+            let Some(&(base, size)) = region else {
+                // The uncovered part ends at the next region's base (or at
+                // the extent's end).
+                let next = regions
+                    .iter()
+                    .map(|&(base, _)| base)
+                    .filter(|&base| base > start)
+                    .min()
+                    .unwrap_or(end)
+                    .min(end);
+                return Err(PlanError::NotInMemory { start, end: next });
+            };
+            let stop = end.min(base + size);
+            out.push((GuestAddress(start), stop - start));
+            start = stop;
+        }
+    }
+    Ok(out)
+}
+
+/// Lines in `extents` (each a whole number of lines).
+pub fn lines_in(extents: &[Extent], line: u64) -> u64 {
+    extents.iter().map(|e| e.1 / line).sum()
+}
+
 /// Splits line-aligned `extents` into at most `shares` lists of nearly equal
 /// byte counts, cutting only at line boundaries. Empty shares are dropped.
 pub fn split(extents: &[Extent], shares: usize, line: u64) -> Vec<Vec<Extent>> {
@@ -81,6 +136,36 @@ mod tests {
         );
         assert_eq!(normalise(&[g(0, 100), g(50, 10)], 64), vec![g(0, 128)]);
         assert_eq!(normalise(&[g(0, 0)], 64), vec![]);
+    }
+
+    #[test]
+    fn extents_are_cut_at_region_edges() {
+        // Two adjacent regions: a merged extent across the edge is cut in two.
+        let regions = [(0, 4096), (4096, 4096)];
+        assert_eq!(
+            split_at_regions(&[g(4032, 128)], &regions).unwrap(),
+            vec![g(4032, 64), g(4096, 64)]
+        );
+        assert_eq!(
+            split_at_regions(&[g(0, 8192)], &regions).unwrap(),
+            vec![g(0, 4096), g(4096, 4096)]
+        );
+        // A gap between regions fails the plan, naming the gap.
+        let gap = [(0, 4096), (8192, 4096)];
+        let err = split_at_regions(&[g(4032, 4224)], &gap).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PlanError::NotInMemory {
+                    start: 4096,
+                    end: 8192
+                }
+            ),
+            "{err}"
+        );
+        // Past the last region.
+        assert!(split_at_regions(&[g(12288, 64)], &gap).is_err());
+        assert_eq!(lines_in(&[g(0, 128), g(4096, 64)], 64), 3);
     }
 
     #[test]

@@ -1,0 +1,649 @@
+//! The flush engine: what answers the cache-flush device's batches.
+//!
+//! For one batch (every request pending at the same moment):
+//! 1. turn the batch into guest-physical extents of whole lines ([`plan`]),
+//!    cut at region edges; for a full flush, every page resident now
+//!    ([`resident`]). This runs before the pause, so the guest does not wait
+//!    for the residency scan. It is still exact: every line written before
+//!    the request was submitted lies in a page that was resident when the
+//!    request arrived; a page first touched after that holds only writes
+//!    concurrent with the request, which no cache-invalidation call orders.
+//!    Anything that cannot be planned fails the batch without a pause;
+//! 2. pause every vCPU ([`VcpuPause`]);
+//! 3. split the extents into one share per worker and run them
+//!    ([`PausedVcpus::run_on_vcpus`]: on the paused vCPUs' own threads in
+//!    this project's VMM, on host threads by default), each flushing through
+//!    a [`LineFlush`] (CLFLUSHOPT in production);
+//! 4. count: only if every planned line was flushed, and no vCPU was seen
+//!    in guest mode, is the batch answered OK. A share that never ran,
+//!    panicked, missed its deadline or met unmapped memory makes it
+//!    HOST_ERROR, with a log line saying which;
+//! 5. answer the batch ([`BatchCompletion`]) **while still paused**, and
+//!    only then resume.
+//!
+//! The flush itself would be correct from any one core (CLFLUSH acts on the
+//! whole coherence domain); running the shares on the vCPU threads spreads
+//! the work over the cores the guest occupies, which is where the bandwidth
+//! is.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::cache_flush::{BatchCompletion, FlushBackend, FlushBatch, FlushError};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::cache_ops::{self, CacheOps, HostRange, LineFlush};
+use crate::pause::{PausedVcpus, VcpuPause, Worker};
+use crate::plan::{self, Extent};
+use crate::resident;
+
+/// How long a flush waits for every vCPU to stop, by default.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Deadlines of the engine. The guest is paused for the whole of a flush, so
+/// every wait is bounded; a batch that misses a deadline is answered
+/// HOST_ERROR and the vCPUs are resumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// How long a pause may take to stop every vCPU.
+    pub pause_timeout: Duration,
+    /// The work deadline is `work_timeout_base` plus the planned bytes at
+    /// `min_flush_bytes_per_sec`: small batches get a short deadline, large
+    /// full flushes a proportionate one, never an open-ended pause.
+    pub work_timeout_base: Duration,
+    /// The slowest flush rate still considered healthy (bytes/s). CLFLUSHOPT
+    /// runs at 20-50 GB/s on one core here; 1 GiB/s leaves a 20x margin.
+    pub min_flush_bytes_per_sec: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            pause_timeout: PAUSE_TIMEOUT,
+            work_timeout_base: Duration::from_secs(1),
+            min_flush_bytes_per_sec: 1 << 30,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The work deadline for `bytes` of planned lines.
+    pub fn work_timeout(&self, bytes: u64) -> Duration {
+        let rate = self.min_flush_bytes_per_sec.max(1);
+        self.work_timeout_base
+            + Duration::from_nanos(
+                (u128::from(bytes) * 1_000_000_000 / u128::from(rate)).min(u128::from(u64::MAX))
+                    as u64,
+            )
+    }
+}
+
+/// Points in a flush at which an observer is called. Tests use them to
+/// check the order (Paused, Flushed, Completed, Resumed) and the pause
+/// invariant from the host side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushPhase {
+    /// Every vCPU is stopped; no line has been flushed yet.
+    Paused,
+    /// Every line has been flushed; the answer is not written yet.
+    Flushed,
+    /// The batch has been answered (OK or HOST_ERROR); vCPUs still stopped.
+    Completed,
+    /// The pause guard is gone: vCPUs may run again.
+    Resumed,
+}
+
+/// A callback for [`FlushPhase`]s.
+pub type FlushObserver = Arc<dyn Fn(FlushPhase) + Send + Sync>;
+
+/// What one share of one flush did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareRecord {
+    /// The vCPU whose thread flushed it (`None`: a host thread, or the
+    /// engine's own thread when the VMM offered no worker).
+    pub vcpu: Option<usize>,
+    /// The host CPU the share ran on.
+    pub host_cpu: i32,
+    /// The host CPU that vCPU last ran guest code on (-1 if unknown).
+    pub vcpu_last_host_cpu: i32,
+    /// Lines flushed.
+    pub lines: u64,
+}
+
+/// What the last flush did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlushRecord {
+    /// One entry per share.
+    pub shares: Vec<ShareRecord>,
+    /// Whether it was a full flush.
+    pub full: bool,
+    /// Bytes flushed (whole lines).
+    pub bytes: u64,
+    /// Time to plan the extents (for a full flush: the residency scan),
+    /// before the pause.
+    pub plan_ns: u64,
+    /// Time to pause every vCPU.
+    pub pause_ns: u64,
+    /// Time from paused to every line flushed.
+    pub flush_ns: u64,
+}
+
+/// Counters of the engine since the VM started.
+#[derive(Default)]
+pub struct EngineStats {
+    /// Batches flushed (successfully or not).
+    pub batches: AtomicU64,
+    /// Batches that contained a full flush.
+    pub full_flushes: AtomicU64,
+    /// Bytes flushed.
+    pub bytes: AtomicU64,
+    /// Lines flushed.
+    pub lines: AtomicU64,
+    /// Total time spent pausing vCPUs.
+    pub pause_ns: AtomicU64,
+    /// Total time spent flushing with every vCPU paused.
+    pub flush_ns: AtomicU64,
+    /// Batches answered HOST_ERROR (plan, pause or work failure, missing
+    /// lines).
+    pub failures: AtomicU64,
+    /// Of those, batches where not every planned line was flushed, or a
+    /// vCPU was seen in guest mode: the fail-closed checks that fired.
+    pub incomplete: AtomicU64,
+    /// Shares that panicked (each fails its batch).
+    pub share_panics: AtomicU64,
+    /// Times a share found a vCPU in guest mode while it flushed (as far as
+    /// the VMM can tell). The design makes this impossible; it is counted so
+    /// tests can assert it, and a batch that sees it fails.
+    pub vcpus_running_during_flush: AtomicU64,
+    last: Mutex<Option<FlushRecord>>,
+    latencies: Mutex<Latencies>,
+}
+
+/// The most recent pause and flush durations, for percentiles.
+#[derive(Default)]
+struct Latencies {
+    pause_ns: Vec<u64>,
+    flush_ns: Vec<u64>,
+    next: usize,
+}
+
+/// How many recent flushes the percentiles are taken over.
+pub const LATENCY_WINDOW: usize = 1 << 16;
+
+/// Percentiles of a set of durations, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `samples`.
+    pub fn of(samples: &[u64]) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        let mut sorted = samples.to_vec();
+        sorted.sort_unstable();
+        let rank = |p: usize| sorted[(sorted.len() * p).div_ceil(100).saturating_sub(1)];
+        Self {
+            count: sorted.len() as u64,
+            p50: rank(50),
+            p90: rank(90),
+            p99: rank(99),
+            max: sorted[sorted.len() - 1],
+        }
+    }
+}
+
+impl EngineStats {
+    fn record_latency(&self, pause_ns: u64, flush_ns: u64) {
+        let mut l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        if l.pause_ns.len() < LATENCY_WINDOW {
+            l.pause_ns.push(pause_ns);
+            l.flush_ns.push(flush_ns);
+        } else {
+            let i = l.next;
+            l.pause_ns[i] = pause_ns;
+            l.flush_ns[i] = flush_ns;
+            l.next = (i + 1) % LATENCY_WINDOW;
+        }
+    }
+
+    /// Percentiles of the pause and flush times of the last
+    /// [`LATENCY_WINDOW`] flushes.
+    pub fn latency_percentiles(&self) -> (Percentiles, Percentiles) {
+        let l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        (Percentiles::of(&l.pause_ns), Percentiles::of(&l.flush_ns))
+    }
+
+    /// The record of the last flush that ran.
+    pub fn last_flush(&self) -> Option<FlushRecord> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The pause-all flush engine, generic over how the VMM pauses its vCPUs
+/// (`P`) and over its guest memory (`AS`: anything vm-memory's
+/// [`GuestAddressSpace`] gives, e.g. `Arc<GuestMemoryMmap>` or a
+/// `GuestMemoryAtomic` that follows hotplug; a fresh snapshot is taken per
+/// batch). Clones share everything (counters, observer).
+pub struct FlushEngine<P, AS> {
+    pauser: Arc<P>,
+    memory: AS,
+    flush_op: Arc<dyn LineFlush>,
+    instruction: cache_ops::FlushInstruction,
+    line: u64,
+    config: EngineConfig,
+    stats: Arc<EngineStats>,
+    observer: Arc<Mutex<Option<FlushObserver>>>,
+}
+
+impl<P, AS: Clone> Clone for FlushEngine<P, AS> {
+    fn clone(&self) -> Self {
+        Self {
+            pauser: self.pauser.clone(),
+            memory: self.memory.clone(),
+            flush_op: self.flush_op.clone(),
+            instruction: self.instruction,
+            line: self.line,
+            config: self.config,
+            stats: self.stats.clone(),
+            observer: self.observer.clone(),
+        }
+    }
+}
+
+/// Why one batch failed, before it is turned into the device's
+/// [`FlushError`].
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The extents could not be planned (nothing was paused).
+    #[error("cannot plan the flush: {0}")]
+    Plan(#[from] plan::PlanError),
+    /// The residency scan of a full flush failed (nothing was paused).
+    #[error("cannot find the resident guest pages: {0}")]
+    Resident(#[from] resident::ResidentError),
+    /// The vCPUs could not be paused (nothing was flushed).
+    #[error("cannot pause the vCPUs: {0}")]
+    Pause(#[source] crate::pause::PauseError),
+    /// The shares did not all finish in time.
+    #[error("flush work failed: {0}")]
+    Work(#[source] crate::pause::PauseError),
+    /// Fewer lines were flushed than planned.
+    #[error("flushed {flushed} of {planned} planned lines ({missing_shares} of {shares} shares did not run to the end, {panicked} panicked)")]
+    Incomplete {
+        /// Lines planned.
+        planned: u64,
+        /// Lines flushed.
+        flushed: u64,
+        /// Shares.
+        shares: usize,
+        /// Shares without a record.
+        missing_shares: usize,
+        /// Shares that panicked.
+        panicked: u64,
+    },
+    /// A vCPU was seen in guest mode while lines were being flushed.
+    #[error("{0} vCPUs were in guest mode during the flush: the pause did not hold")]
+    PauseBroken(u64),
+}
+
+impl<P, AS> FlushEngine<P, AS>
+where
+    P: VcpuPause + 'static,
+    AS: GuestAddressSpace + Send + Sync,
+    AS::M: GuestMemoryBackend,
+    AS::T: Send + Sync + 'static,
+{
+    /// An engine flushing `memory` with the vCPUs `pauser` stops, with
+    /// CLFLUSHOPT (or CLFLUSH) and the default deadlines.
+    pub fn new(pauser: Arc<P>, memory: AS) -> Self {
+        let ops = CacheOps::detect();
+        Self {
+            pauser,
+            memory,
+            flush_op: Arc::new(ops),
+            instruction: ops.instruction,
+            line: ops.line as u64,
+            config: EngineConfig::default(),
+            stats: Arc::new(EngineStats::default()),
+            observer: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Replaces the deadlines.
+    pub fn with_config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Replaces the flush operation (tests record the lines it is given).
+    pub fn with_line_flush(mut self, flush_op: Arc<dyn LineFlush>) -> Self {
+        self.flush_op = flush_op;
+        self
+    }
+
+    /// The deadlines in use.
+    pub fn config(&self) -> EngineConfig {
+        self.config
+    }
+
+    /// Measures, without pausing anything, what a full flush costs now:
+    /// returns (cost in ns, the range size in bytes that costs as much).
+    /// The pause both kinds of request share is left out. (0, 0) if the
+    /// residency scan fails.
+    pub fn measure_full_flush(&self) -> (u64, u64) {
+        let start = Instant::now();
+        let memory = self.memory.memory();
+        let Ok(extents) = resident::resident_extents(&*memory) else {
+            return (0, 0);
+        };
+        let scanned = Instant::now();
+        let lines: u64 = extents
+            .iter()
+            .map(|&e| flush_extent(&*memory, &*self.flush_op, e).unwrap_or(0))
+            .sum();
+        let bytes = lines * self.line;
+        let done = Instant::now();
+        let cost_ns = (done - start).as_nanos().max(1) as u64;
+        let flush_ns = (done - scanned).as_nanos().max(1) as u64;
+        // A range of B bytes costs about B / (bytes / flush_ns).
+        let break_even = (u128::from(cost_ns) * u128::from(bytes) / u128::from(flush_ns)) as u64;
+        (cost_ns, break_even.max(self.line))
+    }
+
+    /// The cache-line size flushes work in.
+    pub fn line_size(&self) -> u64 {
+        self.line
+    }
+
+    /// The instruction the default flush operation uses.
+    pub fn instruction(&self) -> cache_ops::FlushInstruction {
+        self.instruction
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    /// Installs (or removes) the phase observer.
+    pub fn set_observer(&self, observer: Option<FlushObserver>) {
+        *self.observer.lock().unwrap_or_else(|p| p.into_inner()) = observer;
+    }
+
+    fn observe(&self, phase: FlushPhase) {
+        let observer = self
+            .observer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(observer) = observer {
+            observer(phase);
+        }
+    }
+
+    /// The extents a batch covers, in whole lines, each inside one region.
+    fn extents(&self, memory: &AS::M, batch: &FlushBatch) -> Result<Vec<Extent>, EngineError> {
+        if batch.full {
+            // One extent per run of resident pages of one region.
+            return Ok(resident::resident_extents(memory)?);
+        }
+        let raw: Vec<Extent> = batch.extents.iter().map(|e| (e.addr, e.len)).collect();
+        let regions: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        Ok(plan::split_at_regions(
+            &plan::normalise(&raw, self.line),
+            &regions,
+        )?)
+    }
+
+    /// Plans, pauses, flushes, answers `done` while still paused, resumes.
+    /// Every path answers `done` exactly once.
+    fn run(&self, batch: &FlushBatch, done: BatchCompletion) -> Result<FlushRecord, EngineError> {
+        let start = Instant::now();
+        let memory = self.memory.memory();
+        let extents = match self.extents(&memory, batch) {
+            Ok(extents) => extents,
+            Err(e) => {
+                // Nothing paused, nothing flushed: the requests fail.
+                done.complete(Err(FlushError {
+                    reason: e.to_string(),
+                }));
+                return Err(e);
+            }
+        };
+        let planned = Instant::now();
+        let pause = match self.pauser.pause_all(self.config.pause_timeout) {
+            Ok(pause) => pause,
+            Err(e) => {
+                let e = EngineError::Pause(e);
+                done.complete(Err(FlushError {
+                    reason: e.to_string(),
+                }));
+                return Err(e);
+            }
+        };
+        let paused = Instant::now();
+        self.observe(FlushPhase::Paused);
+        let result = self.flush_paused(&pause, memory, &extents);
+        let flushed = Instant::now();
+        match &result {
+            Ok(_) => {
+                self.observe(FlushPhase::Flushed);
+                done.complete(Ok(()));
+            }
+            Err(e) => done.complete(Err(FlushError {
+                reason: e.to_string(),
+            })),
+        }
+        self.observe(FlushPhase::Completed);
+        drop(pause);
+        self.observe(FlushPhase::Resumed);
+        let (shares, bytes) = result?;
+        Ok(FlushRecord {
+            shares,
+            bytes,
+            full: batch.full,
+            plan_ns: (planned - start).as_nanos() as u64,
+            pause_ns: (paused - planned).as_nanos() as u64,
+            flush_ns: (flushed - paused).as_nanos() as u64,
+        })
+    }
+
+    /// Flushes `extents` on the workers of `pause`; returns the share
+    /// records and the bytes flushed, or why not every line was.
+    fn flush_paused(
+        &self,
+        pause: &P::Paused<'_>,
+        memory: AS::T,
+        extents: &[Extent],
+    ) -> Result<(Vec<ShareRecord>, u64), EngineError> {
+        let bytes: u64 = extents.iter().map(|e| e.1).sum();
+        let planned_lines = plan::lines_in(extents, self.line);
+        let workers = pause.worker_count();
+        let shares = Arc::new(plan::split(extents, workers.max(1), self.line));
+        let share_count = shares.len();
+        let records: Arc<Mutex<Vec<Option<ShareRecord>>>> =
+            Arc::new(Mutex::new(vec![None; share_count]));
+        let panicked = Arc::new(AtomicU64::new(0));
+        let in_guest = Arc::new(AtomicU64::new(0));
+        let share_of = {
+            let (shares, records) = (shares.clone(), records.clone());
+            let (panicked, in_guest) = (panicked.clone(), in_guest.clone());
+            let flush_op = self.flush_op.clone();
+            let pauser = self.pauser.clone();
+            move |worker: Worker| {
+                let Some(share) = shares.get(worker.index) else {
+                    return;
+                };
+                // A panic in one share must not take a vCPU thread (or the
+                // engine) with it: the share is just not counted, and the
+                // batch fails closed below.
+                let flushed = catch_unwind(AssertUnwindSafe(|| {
+                    let mut lines = 0;
+                    for &extent in share {
+                        // An extent that cannot be mapped is not counted.
+                        lines += flush_extent(&*memory, &*flush_op, extent).unwrap_or(0);
+                    }
+                    lines
+                }));
+                let Ok(lines) = flushed else {
+                    panicked.fetch_add(1, Ordering::SeqCst);
+                    return;
+                };
+                // Checked after the share: a vCPU that ran during it would
+                // still be in guest mode.
+                if let Some(n) = pauser.vcpus_in_guest() {
+                    in_guest.fetch_add(n as u64, Ordering::SeqCst);
+                }
+                let record = ShareRecord {
+                    vcpu: worker.vcpu,
+                    host_cpu: current_cpu(),
+                    vcpu_last_host_cpu: worker
+                        .vcpu
+                        .and_then(|v| pauser.last_host_cpu(v))
+                        .unwrap_or(-1),
+                    lines,
+                };
+                records.lock().unwrap_or_else(|p| p.into_inner())[worker.index] = Some(record);
+            }
+        };
+        let work_result = if workers == 0 {
+            // The VMM offers no worker (e.g. every vCPU thread has ended
+            // while the guest shuts down): do the work here; the answer is
+            // still owed to the driver.
+            for index in 0..share_count {
+                share_of(Worker { index, vcpu: None });
+            }
+            Ok(())
+        } else {
+            pause.run_on_vcpus(Arc::new(share_of), self.config.work_timeout(bytes))
+        };
+        let running = in_guest.load(Ordering::SeqCst);
+        self.stats
+            .vcpus_running_during_flush
+            .fetch_add(running, Ordering::Relaxed);
+        let panicked = panicked.load(Ordering::SeqCst);
+        self.stats
+            .share_panics
+            .fetch_add(panicked, Ordering::Relaxed);
+        work_result.map_err(EngineError::Work)?;
+        if running > 0 {
+            return Err(EngineError::PauseBroken(running));
+        }
+        let records = std::mem::take(&mut *records.lock().unwrap_or_else(|p| p.into_inner()));
+        let missing_shares = records.iter().filter(|r| r.is_none()).count();
+        let shares: Vec<ShareRecord> = records.into_iter().flatten().collect();
+        let flushed: u64 = shares.iter().map(|s| s.lines).sum();
+        if flushed != planned_lines || missing_shares > 0 {
+            return Err(EngineError::Incomplete {
+                planned: planned_lines,
+                flushed,
+                shares: share_count,
+                missing_shares,
+                panicked,
+            });
+        }
+        Ok((shares, bytes))
+    }
+}
+
+impl<P, AS> FlushBackend for FlushEngine<P, AS>
+where
+    P: VcpuPause + 'static,
+    AS: GuestAddressSpace + Send + Sync,
+    AS::M: GuestMemoryBackend,
+    AS::T: Send + Sync + 'static,
+{
+    fn flush(&self, batch: FlushBatch, done: BatchCompletion) {
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        if batch.full {
+            self.stats.full_flushes.fetch_add(1, Ordering::Relaxed);
+        }
+        match self.run(&batch, done) {
+            Ok(record) => {
+                let lines: u64 = record.shares.iter().map(|s| s.lines).sum();
+                self.stats.lines.fetch_add(lines, Ordering::Relaxed);
+                self.stats.bytes.fetch_add(record.bytes, Ordering::Relaxed);
+                self.stats
+                    .pause_ns
+                    .fetch_add(record.pause_ns, Ordering::Relaxed);
+                self.stats
+                    .flush_ns
+                    .fetch_add(record.flush_ns, Ordering::Relaxed);
+                self.stats.record_latency(record.pause_ns, record.flush_ns);
+                log::debug!(
+                    "flushed {} bytes ({} lines, full: {}) in {} shares; pause {} µs, flush {} µs",
+                    record.bytes,
+                    lines,
+                    record.full,
+                    record.shares.len(),
+                    record.pause_ns / 1000,
+                    record.flush_ns / 1000
+                );
+                *self.stats.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+            }
+            Err(e) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                if matches!(
+                    e,
+                    EngineError::Incomplete { .. } | EngineError::PauseBroken(_)
+                ) {
+                    self.stats.incomplete.fetch_add(1, Ordering::Relaxed);
+                }
+                // A host-side failure, not a guest mistake: the guest cannot
+                // cause it, so it cannot flood the log with it.
+                log::error!("cache flush answered HOST_ERROR: {e}");
+            }
+        }
+    }
+}
+
+/// Flushes one extent (inside one region) through the VMM's mapping;
+/// `None` if the extent is not mapped.
+fn flush_extent<M: GuestMemoryBackend>(
+    memory: &M,
+    flush_op: &dyn LineFlush,
+    (addr, len): Extent,
+) -> Option<u64> {
+    let slice = memory.get_slice(addr, usize::try_from(len).ok()?).ok()?;
+    let guard = slice.ptr_guard();
+    // SAFETY: `slice` maps `len` bytes of guest RAM, kept mapped by `memory`
+    // (a snapshot the caller holds across this call).
+    let range = unsafe { HostRange::new(guard.as_ptr(), slice.len()) };
+    Some(flush_op.flush_lines(addr, range))
+}
+
+/// The host CPU this thread runs on.
+pub fn current_cpu() -> i32 {
+    // SAFETY: sched_getcpu has no memory effects.
+    unsafe { libc::sched_getcpu() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Percentiles;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let samples: Vec<u64> = (1..=100).rev().collect();
+        let p = Percentiles::of(&samples);
+        assert_eq!(
+            (p.count, p.p50, p.p90, p.p99, p.max),
+            (100, 50, 90, 99, 100)
+        );
+        assert_eq!(Percentiles::of(&[]), Percentiles::default());
+        assert_eq!(Percentiles::of(&[7]).p50, 7);
+    }
+}
