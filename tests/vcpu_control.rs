@@ -270,20 +270,25 @@ fn a_triple_faulting_vcpu_ends_the_vm_and_pauses_still_work() {
 }
 
 #[test]
-fn finishing_while_paused_ends_every_thread() {
-    if !common::kvm_or_skip("finishing_while_paused_ends_every_thread") {
+fn finishing_during_a_pause_waits_for_it_then_ends_every_thread() {
+    if !common::kvm_or_skip("finishing_during_a_pause_waits_for_it_then_ends_every_thread") {
         return;
     }
     let vm = start(2, Detour::None);
     wait_for_progress(&vm, &[0, 1], &[0, 0]);
     let control = vm.control().clone();
     let pause = control.pause_all(PAUSE_TIMEOUT).expect("pause");
-    assert!(
-        control.finish(Duration::from_secs(5)).is_empty(),
-        "threads stuck"
-    );
+    let finisher = {
+        let control = control.clone();
+        std::thread::spawn(move || control.finish(Duration::from_secs(30)))
+    };
+    // A pause's work must not lose its workers to a concurrent stop.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(control.run_state(0), RunState::Parked);
+    assert_eq!(control.run_state(1), RunState::Parked);
+    drop(pause);
+    assert!(finisher.join().unwrap().is_empty(), "threads stuck");
     assert_eq!(control.run_state(0), RunState::Exited);
     assert_eq!(control.run_state(1), RunState::Exited);
-    drop(pause);
     vm.stop();
 }

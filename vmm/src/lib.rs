@@ -52,7 +52,8 @@ pub mod exit_code {
     /// The VM could not be set up: bad kernel, bad flag value, no KVM, ...
     pub const SETUP_ERROR: i32 = 3;
     /// The VM ended abnormally: triple fault, emulation failure, failed
-    /// entry, every vCPU halted without a verdict, or a VMM runtime error.
+    /// entry, every vCPU halted without a verdict, a vCPU thread that
+    /// panicked, or a VMM runtime error.
     pub const VM_CRASH: i32 = 4;
     /// Stopped by SIGINT or SIGTERM: 128 + the signal number (130, 143), as
     /// shells report it.
@@ -66,7 +67,7 @@ pub fn exit_code_for(outcome: &VmOutcome) -> i32 {
     match outcome {
         VmOutcome::GuestExit { status: 0, .. } => exit_code::GUEST_SUCCESS,
         VmOutcome::GuestExit { .. } => exit_code::GUEST_FAILURE,
-        VmOutcome::Crash { .. } => exit_code::VM_CRASH,
+        VmOutcome::Crash { .. } | VmOutcome::VcpuPanicked { .. } => exit_code::VM_CRASH,
         VmOutcome::Signal(signo) => exit_code::SIGNAL_BASE + signo,
     }
 }

@@ -244,6 +244,9 @@ fn report(outcome: &VmOutcome) {
             reason,
         } => eprintln!("error: vcpu {v}: {reason}"),
         VmOutcome::Crash { vcpu: None, reason } => eprintln!("error: {reason}"),
+        VmOutcome::VcpuPanicked { vcpu, message } => {
+            eprintln!("error: vcpu {vcpu}: its VMM thread panicked (a VMM bug): {message}")
+        }
         VmOutcome::Signal(signo) => eprintln!("vmm: stopped by signal {signo}"),
     }
 }

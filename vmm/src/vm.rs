@@ -292,8 +292,22 @@ impl Vm {
         self.kernel
     }
 
-    /// Starts every vCPU thread.
-    pub fn start(mut self) -> Result<RunningVm, VmError> {
+    /// Starts every vCPU thread. All or nothing: if one cannot be started,
+    /// the ones already running are stopped and joined before the error is
+    /// returned, so a failed start leaves no thread behind.
+    pub fn start(self) -> Result<RunningVm, VmError> {
+        self.start_with(|name, vcpu| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || vcpu.run())
+        })
+    }
+
+    /// [`Self::start`] with the thread spawner given (tests make it fail).
+    fn start_with(
+        mut self,
+        mut spawn: impl FnMut(String, Vcpu) -> std::io::Result<JoinHandle<()>>,
+    ) -> Result<RunningVm, VmError> {
         control::install_kick_handler()?;
         let signals = if self.handle_signals {
             Some(SignalWatcher::new(self.outcome.clone())?)
@@ -301,16 +315,27 @@ impl Vm {
             None
         };
         let mut threads = Vec::with_capacity(self.vcpus.len());
-        for vcpu in self.vcpus {
+        for vcpu in std::mem::take(&mut self.vcpus) {
             let index = threads.len();
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || vcpu.run())
-                .map_err(|source| VmError::Os {
-                    what: "a vCPU thread",
-                    source,
-                })?;
-            threads.push(handle);
+            match spawn(format!("vcpu{index}"), vcpu) {
+                Ok(handle) => threads.push(handle),
+                Err(source) => {
+                    // The vCPUs not yet started are dropped with the rest of
+                    // `self`; the running ones are told to finish first.
+                    let stuck = self.control.finish(FINISH_TIMEOUT);
+                    if stuck.is_empty() {
+                        for thread in threads {
+                            let _ = thread.join();
+                        }
+                    } else {
+                        log::error!("vCPUs {stuck:?} did not stop after a failed start");
+                    }
+                    return Err(VmError::Os {
+                        what: "a vCPU thread",
+                        source,
+                    });
+                }
+            }
         }
         Ok(RunningVm {
             metrics: self.metrics,
@@ -631,5 +656,43 @@ impl MutEventSubscriber for SignalWatcher {
             log::warn!("received signal {signo}; stopping the VM");
             self.outcome.report(VmOutcome::Signal(signo));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vcpu::control::RunState;
+
+    #[test]
+    fn a_failed_start_leaves_no_vcpu_thread_running() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("SKIPPED a_failed_start_leaves_no_vcpu_thread_running: needs KVM: /dev/kvm is missing");
+            return;
+        }
+        let config = VmConfig {
+            vcpus: 3,
+            memory_mib: 16,
+            cmdline: "scenario=spin".into(),
+            serial_out: Some(Arc::new(Mutex::new(Vec::new()))),
+            ..VmConfig::new(crate::BUNDLED_GUEST_KERNEL.to_vec())
+        };
+        let vm = Vm::new(&config).expect("VM set-up");
+        let control = vm.control.clone();
+        let mut started = 0;
+        let result = vm.start_with(|name, vcpu| {
+            if started == 1 {
+                return Err(std::io::Error::other("refused by the test"));
+            }
+            started += 1;
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || vcpu.run())
+        });
+        assert!(matches!(result, Err(VmError::Os { .. })));
+        // vCPU 0 was running; it must have been stopped and joined.
+        assert_eq!(control.run_state(0), RunState::Exited);
+        assert_eq!(control.run_state(1), RunState::NotStarted);
+        assert_eq!(control.run_state(2), RunState::NotStarted);
     }
 }

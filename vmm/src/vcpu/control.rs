@@ -398,8 +398,25 @@ impl VcpuControl {
     /// concurrent stop. Pauses are bounded by their own deadlines, so this
     /// wait is too.
     pub fn finish(&self, timeout: Duration) -> Vec<usize> {
-        let _controller = self.controller.lock().unwrap_or_else(|p| p.into_inner());
         let deadline = Instant::now() + timeout;
+        // Polled rather than blocked on, so that even a caller that holds a
+        // pause itself gets its answer (every live vCPU "stuck") at the
+        // deadline instead of deadlocking.
+        let _controller = loop {
+            match self.controller.try_lock() {
+                Ok(guard) => break guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    let st = self.lock();
+                    return (0..st.slots.len())
+                        .filter(|&i| st.slots[i].state != RunState::Exited)
+                        .collect();
+                }
+            }
+        };
         let mut st = self.lock();
         st.finish = true;
         self.vcpu_wakeup.notify_all();
@@ -576,5 +593,103 @@ impl PausedVcpus for PauseGuard<'_> {
         )
         .map(drop)
         .map_err(PauseError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread::JoinHandle;
+
+    /// A stand-in vCPU thread: registers, and "runs" by returning from a
+    /// pretend KVM_RUN at once, until told to finish.
+    fn fake_vcpu(control: &Arc<VcpuControl>, index: usize) -> JoinHandle<()> {
+        install_kick_handler().unwrap();
+        let control = control.clone();
+        std::thread::spawn(move || {
+            let mut immediate_exit = Box::new(0u8);
+            // SAFETY: the byte lives until this thread calls `exited`.
+            unsafe { control.register(index, &mut *immediate_exit) };
+            loop {
+                match control.before_run(index) {
+                    Directive::Run => {
+                        control.after_run(index);
+                        std::thread::yield_now();
+                    }
+                    Directive::Park => {
+                        if control.park(index) == Directive::Finish {
+                            break;
+                        }
+                    }
+                    Directive::Finish => break,
+                }
+            }
+            control.exited(index);
+        })
+    }
+
+    #[test]
+    fn finish_waits_for_a_pause_in_progress() {
+        let control = VcpuControl::new(2);
+        let threads = [fake_vcpu(&control, 0), fake_vcpu(&control, 1)];
+        let pause = control.pause_all(Duration::from_secs(5)).unwrap();
+        let finisher = {
+            let control = control.clone();
+            std::thread::spawn(move || control.finish(Duration::from_secs(30)))
+        };
+        // While the pause lasts, finish must not end any vCPU: a flush would
+        // lose the worker it is running a share on.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!finisher.is_finished(), "finish ran during a pause");
+        assert_eq!(control.run_state(0), RunState::Parked);
+        assert_eq!(control.run_state(1), RunState::Parked);
+        drop(pause);
+        assert!(finisher.join().unwrap().is_empty());
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(control.run_state(0), RunState::Exited);
+    }
+
+    #[test]
+    fn finish_from_the_pausing_thread_answers_at_its_deadline() {
+        let control = VcpuControl::new(1);
+        let thread = fake_vcpu(&control, 0);
+        let pause = control.pause_all(Duration::from_secs(5)).unwrap();
+        assert_eq!(control.finish(Duration::from_millis(20)), vec![0]);
+        drop(pause);
+        assert!(control.finish(Duration::from_secs(30)).is_empty());
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn work_that_panics_leaves_the_vcpu_thread_parked_and_usable() {
+        let control = VcpuControl::new(1);
+        let thread = fake_vcpu(&control, 0);
+        let pause = control.pause_all(Duration::from_secs(5)).unwrap();
+        let ran = pause
+            .run_on_parked(
+                Arc::new(|_| panic!("work panics (expected in this test)")),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert_eq!(ran, vec![0]);
+        assert_eq!(
+            control.run_state(0),
+            RunState::Parked,
+            "the thread survived"
+        );
+        let again = Arc::new(AtomicBool::new(false));
+        let a = again.clone();
+        pause
+            .run_on_parked(
+                Arc::new(move |_| a.store(true, Ordering::SeqCst)),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert!(again.load(Ordering::SeqCst), "later work still runs there");
+        drop(pause);
+        assert!(control.finish(Duration::from_secs(30)).is_empty());
+        thread.join().unwrap();
     }
 }

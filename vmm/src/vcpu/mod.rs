@@ -15,6 +15,8 @@ use devices::bus::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
+#[cfg(test)]
+use control::RunState;
 use control::{Directive, VcpuControl};
 
 /// How a VM ended.
@@ -34,6 +36,14 @@ pub enum VmOutcome {
         vcpu: Option<usize>,
         /// What happened, for the one-line report.
         reason: String,
+    },
+    /// A vCPU thread panicked (a VMM bug, never a guest's doing): the VM
+    /// cannot go on without that vCPU.
+    VcpuPanicked {
+        /// The vCPU whose thread panicked.
+        vcpu: usize,
+        /// The panic message.
+        message: String,
     },
     /// The VMM was asked to stop (SIGINT, SIGTERM).
     Signal(i32),
@@ -94,6 +104,56 @@ pub struct IoBuses {
 pub struct VcpuStats {
     /// Accesses to addresses no device claims.
     pub unclaimed_accesses: AtomicU64,
+    /// Extra exits served while completing a pending exit before a park
+    /// (string PIO, split MMIO): each would have been lost before.
+    pub pending_io_trips: AtomicU64,
+}
+
+/// Runs a vCPU thread's `body` registered with `control`, and whatever
+/// happens (return or panic) unregisters it before returning, so no pause
+/// ever kicks through the `kvm_run` page of a thread that is gone. A panic
+/// is reported as [`VmOutcome::VcpuPanicked`] (which ends the VM: a vCPU
+/// is missing) instead of leaving a slot that looks alive.
+///
+/// Why a pointer plus a guard, and not a second mapping of `kvm_run` (as a
+/// kick through a dup'd vCPU fd would need): the pointer is only ever
+/// written under the control lock while registered, and the unregistration
+/// below takes the same lock before the caller drops the mapping. A second
+/// mapping would outlive the thread but still points at a vCPU nobody runs.
+///
+/// # Safety
+/// `immediate_exit` must stay valid until this function returns.
+pub unsafe fn run_registered(
+    control: &VcpuControl,
+    outcome: &OutcomeSink,
+    index: usize,
+    immediate_exit: *mut u8,
+    body: impl FnOnce(),
+) {
+    /// Unregisters on drop, i.e. also while unwinding.
+    struct Registered<'a>(&'a VcpuControl, usize);
+    impl Drop for Registered<'_> {
+        fn drop(&mut self) {
+            self.0.exited(self.1);
+        }
+    }
+    // SAFETY: forwarded from the caller; `Registered` withdraws the pointer
+    // before we return.
+    unsafe { control.register(index, immediate_exit) };
+    let registered = Registered(control, index);
+    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        log::error!("vcpu {index}: its thread panicked: {message}");
+        drop(registered);
+        outcome.report(VmOutcome::VcpuPanicked {
+            vcpu: index,
+            message,
+        });
+    }
 }
 
 /// One vCPU and what its thread needs.
@@ -138,10 +198,19 @@ impl Vcpu {
     /// control channel says finish.
     pub fn run(mut self) {
         let immediate_exit = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
+        let (control, outcome, index) = (self.control.clone(), self.outcome.clone(), self.index);
         // SAFETY: `immediate_exit` points into this VcpuFd's kvm_run mapping,
-        // which lives until `self.fd` is dropped at the end of this function,
-        // after `exited` below.
-        unsafe { self.control.register(self.index, immediate_exit) };
+        // which lives until `self` is dropped at the end of this function;
+        // the closure only borrows `self`, and `run_registered` withdraws
+        // the pointer before it returns, on return and on unwinding alike.
+        unsafe {
+            run_registered(&control, &outcome, index, immediate_exit, || {
+                self.run_loop()
+            })
+        };
+    }
+
+    fn run_loop(&mut self) {
         let mut pending_io = false;
         loop {
             match self.control.before_run(self.index) {
@@ -149,8 +218,12 @@ impl Vcpu {
                 Directive::Finish => break,
                 Directive::Park => {
                     if pending_io {
-                        self.complete_pending_io();
                         pending_io = false;
+                        if let Err(conclusion) = self.complete_pending_io() {
+                            if let Step::Stop = self.conclude(conclusion) {
+                                break;
+                            }
+                        }
                     }
                     match self.control.park(self.index) {
                         Directive::Finish => break,
@@ -169,22 +242,36 @@ impl Vcpu {
                 Step::Stop => break,
             }
         }
-        self.control.exited(self.index);
     }
 
     /// After an I/O or MMIO exit the instruction completes only at the next
-    /// `KVM_RUN`. Re-entering with `immediate_exit` still set completes it
-    /// and returns at once, so a parked vCPU's registers are consistent.
-    fn complete_pending_io(&mut self) {
-        self.fd.set_kvm_immediate_exit(1);
-        match self.fd.run() {
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => log::warn!("vcpu {}: completing a pending exit failed: {e}", self.index),
-            Ok(exit) => log::warn!(
-                "vcpu {}: unexpected exit while completing a pending exit: {exit:?}",
-                self.index
-            ),
+    /// `KVM_RUN`. Re-entering with `immediate_exit` set completes it and
+    /// returns at once, so a parked vCPU's registers are consistent. Some
+    /// instructions need more than one trip to user space (string PIO, an
+    /// MMIO access split across pages): each further exit is served like
+    /// any other, until `KVM_RUN` returns `EINTR` (nothing left pending).
+    /// An exit that ends the vCPU is returned for the caller to act on.
+    fn complete_pending_io(&mut self) -> Result<(), Conclusion> {
+        // A guest cannot keep this going: each round trip advances one
+        // instruction's pending I/O; the bound only guards against a host
+        // that never returns EINTR.
+        const MAX_TRIPS: usize = 4096;
+        for _ in 0..MAX_TRIPS {
+            self.fd.set_kvm_immediate_exit(1);
+            let result = self.fd.run();
+            match &result {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(()),
+                _ => {}
+            }
+            self.stats.pending_io_trips.fetch_add(1, Ordering::Relaxed);
+            match dispatch(self.index, &self.buses, &self.stats, result)? {
+                Step::Continue { .. } => {}
+                Step::Stop => return Ok(()),
+            }
         }
+        Err(Conclusion::Failed(format!(
+            "completing a pending exit took more than {MAX_TRIPS} trips to user space"
+        )))
     }
 
     fn crash(&self, reason: String) -> Step {
@@ -343,5 +430,53 @@ fn internal_error_name(suberror: u32) -> &'static str {
         3 => "delivery event failed",
         4 => "unexpected exit reason",
         _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_panicking_vcpu_thread_unregisters_and_is_reported() {
+        control::install_kick_handler().unwrap();
+        let control = VcpuControl::new(1);
+        let outcome = OutcomeSink::new().unwrap();
+        // Stands in for the kvm_run page: it outlives the thread here, so the
+        // test can see whether anything wrote through the stale pointer.
+        let immediate_exit = Arc::new(std::sync::atomic::AtomicU8::new(0));
+        let thread = {
+            let (control, outcome, byte) =
+                (control.clone(), outcome.clone(), immediate_exit.clone());
+            std::thread::spawn(move || {
+                // SAFETY: the byte outlives the call (the test holds an Arc).
+                unsafe {
+                    run_registered(&control, &outcome, 0, byte.as_ptr(), || {
+                        panic!("boom (expected in this test)")
+                    })
+                }
+            })
+        };
+        thread
+            .join()
+            .expect("the panic was contained in the thread");
+        assert_eq!(control.run_state(0), RunState::Exited);
+        assert!(
+            matches!(outcome.outcome(), Some(VmOutcome::VcpuPanicked { vcpu: 0, message }) if message.contains("boom")),
+            "{:?}",
+            outcome.outcome()
+        );
+        // A later pause neither waits for the dead thread nor kicks it.
+        let pause = control
+            .pause_all(Duration::from_millis(100))
+            .expect("pause");
+        assert!(pause.parked().is_empty());
+        drop(pause);
+        assert_eq!(
+            immediate_exit.load(Ordering::SeqCst),
+            0,
+            "kicked a thread that is gone"
+        );
     }
 }
