@@ -35,6 +35,8 @@ use devices::cache_flush::{BatchCompletion, FlushBackend, FlushBatch, FlushError
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::cache_ops::{self, CacheOps, HostRange, LineFlush};
+use crate::flush_log::{BatchOutcome, FlushLog, FlushLogRecord, MAX_EXTENTS_PER_RECORD};
+use crate::hooks::{HookFilter, HookId, HookPoint, PauseHook, PausedBatch};
 use crate::pause::{PausedVcpus, VcpuPause, Worker};
 use crate::plan::{self, Extent};
 use crate::resident;
@@ -56,6 +58,8 @@ pub struct EngineConfig {
     /// The slowest flush rate still considered healthy (bytes/s). CLFLUSHOPT
     /// runs at 20-50 GB/s on one core here; 1 GiB/s leaves a 20x margin.
     pub min_flush_bytes_per_sec: u64,
+    /// How long one pause-hook call may take.
+    pub hook_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +68,7 @@ impl Default for EngineConfig {
             pause_timeout: PAUSE_TIMEOUT,
             work_timeout_base: Duration::from_secs(1),
             min_flush_bytes_per_sec: 1 << 30,
+            hook_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -238,7 +243,7 @@ impl EngineStats {
 /// [`GuestAddressSpace`] gives, e.g. `Arc<GuestMemoryMmap>` or a
 /// `GuestMemoryAtomic` that follows hotplug; a fresh snapshot is taken per
 /// batch). Clones share everything (counters, observer).
-pub struct FlushEngine<P, AS> {
+pub struct FlushEngine<P, AS: GuestAddressSpace> {
     pauser: Arc<P>,
     memory: AS,
     flush_op: Arc<dyn LineFlush>,
@@ -247,9 +252,19 @@ pub struct FlushEngine<P, AS> {
     config: EngineConfig,
     stats: Arc<EngineStats>,
     observer: Arc<Mutex<Option<FlushObserver>>>,
+    log: Arc<FlushLog>,
+    seq: Arc<AtomicU64>,
+    hooks: Arc<Mutex<Hooks<AS>>>,
+    created: Instant,
 }
 
-impl<P, AS: Clone> Clone for FlushEngine<P, AS> {
+/// The registered pause hooks.
+struct Hooks<AS: GuestAddressSpace> {
+    next_id: u64,
+    list: Vec<(HookId, HookFilter, Arc<dyn PauseHook<AS::M>>)>,
+}
+
+impl<P, AS: GuestAddressSpace> Clone for FlushEngine<P, AS> {
     fn clone(&self) -> Self {
         Self {
             pauser: self.pauser.clone(),
@@ -260,6 +275,10 @@ impl<P, AS: Clone> Clone for FlushEngine<P, AS> {
             config: self.config,
             stats: self.stats.clone(),
             observer: self.observer.clone(),
+            log: self.log.clone(),
+            seq: self.seq.clone(),
+            hooks: self.hooks.clone(),
+            created: self.created,
         }
     }
 }
@@ -297,13 +316,16 @@ pub enum EngineError {
     /// A vCPU was seen in guest mode while lines were being flushed.
     #[error("{0} vCPUs were in guest mode during the flush: the pause did not hold")]
     PauseBroken(u64),
+    /// A pause hook failed.
+    #[error("pause hook failed: {0}")]
+    Hook(String),
 }
 
 impl<P, AS> FlushEngine<P, AS>
 where
     P: VcpuPause + 'static,
     AS: GuestAddressSpace + Send + Sync,
-    AS::M: GuestMemoryBackend,
+    AS::M: GuestMemoryBackend + 'static,
     AS::T: Send + Sync + 'static,
 {
     /// An engine flushing `memory` with the vCPUs `pauser` stops, with
@@ -319,7 +341,95 @@ where
             config: EngineConfig::default(),
             stats: Arc::new(EngineStats::default()),
             observer: Arc::new(Mutex::new(None)),
+            log: Arc::new(FlushLog::default()),
+            seq: Arc::new(AtomicU64::new(0)),
+            hooks: Arc::new(Mutex::new(Hooks {
+                next_id: 0,
+                list: Vec::new(),
+            })),
+            created: Instant::now(),
         }
+    }
+
+    /// The flush log: one record per batch, with its sequence number.
+    pub fn flush_log(&self) -> &Arc<FlushLog> {
+        &self.log
+    }
+
+    /// The sequence number the next batch will get.
+    pub fn next_seq(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst) + 1
+    }
+
+    /// Registers `hook` for the batches `filter` selects; it runs during
+    /// their pause (see [`PauseHook`]), each call bounded by
+    /// [`EngineConfig::hook_timeout`].
+    pub fn add_pause_hook(&self, filter: HookFilter, hook: Arc<dyn PauseHook<AS::M>>) -> HookId {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        hooks.next_id += 1;
+        let id = HookId(hooks.next_id);
+        hooks.list.push((id, filter, hook));
+        id
+    }
+
+    /// Removes a hook; false if it was not registered.
+    pub fn remove_pause_hook(&self, id: HookId) -> bool {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        let before = hooks.list.len();
+        hooks.list.retain(|(h, _, _)| *h != id);
+        hooks.list.len() != before
+    }
+
+    /// Runs the matching hooks at `point`; the first failure is returned.
+    fn run_hooks(
+        &self,
+        hooks: &[Arc<dyn PauseHook<AS::M>>],
+        point: HookPoint,
+        batch: &Arc<PausedBatch>,
+        memory: &AS::T,
+    ) -> Result<(), EngineError> {
+        for hook in hooks {
+            crate::hooks::run_bounded(
+                hook.clone(),
+                point,
+                batch.clone(),
+                memory.clone(),
+                self.config.hook_timeout,
+            )
+            .map_err(EngineError::Hook)?;
+        }
+        Ok(())
+    }
+
+    /// Appends the batch's record to the flush log.
+    fn log_batch(
+        &self,
+        seq: u64,
+        batch: &FlushBatch,
+        extents: &[Extent],
+        result: &Result<(Vec<ShareRecord>, u64), EngineError>,
+    ) {
+        let (outcome, share_host_cpus) = match result {
+            Ok((shares, _)) => (
+                BatchOutcome::Ok,
+                shares.iter().map(|s| s.host_cpu).collect(),
+            ),
+            Err(e) => (BatchOutcome::HostError(e.to_string()), Vec::new()),
+        };
+        self.log.push(FlushLogRecord {
+            seq,
+            answered_at_ns: self.created.elapsed().as_nanos() as u64,
+            full: batch.full,
+            extents: extents
+                .iter()
+                .take(MAX_EXTENTS_PER_RECORD)
+                .copied()
+                .collect(),
+            extents_truncated: extents.len() > MAX_EXTENTS_PER_RECORD,
+            share_host_cpus,
+            requests: batch.requests.clone(),
+            outcome,
+        });
     }
 
     /// Replaces the deadlines.
@@ -408,41 +518,63 @@ where
         )?)
     }
 
-    /// Plans, pauses, flushes, answers `done` while still paused, resumes.
-    /// Every path answers `done` exactly once.
+    /// Plans, pauses, runs the hooks and flushes, logs the batch, answers
+    /// `done` while still paused, resumes. Every path answers `done` exactly
+    /// once and logs one record.
     fn run(&self, batch: &FlushBatch, done: BatchCompletion) -> Result<FlushRecord, EngineError> {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let start = Instant::now();
         let memory = self.memory.memory();
+        let fail_unpaused = |e: EngineError, done: BatchCompletion| {
+            // Nothing paused, nothing flushed: the requests fail.
+            let result = Err(e);
+            self.log_batch(seq, batch, &[], &result);
+            let Err(e) = result else { unreachable!() };
+            done.complete(Err(FlushError {
+                reason: e.to_string(),
+            }));
+            e
+        };
         let extents = match self.extents(&memory, batch) {
             Ok(extents) => extents,
-            Err(e) => {
-                // Nothing paused, nothing flushed: the requests fail.
-                done.complete(Err(FlushError {
-                    reason: e.to_string(),
-                }));
-                return Err(e);
-            }
+            Err(e) => return Err(fail_unpaused(e, done)),
         };
+        let hooks: Vec<Arc<dyn PauseHook<AS::M>>> = {
+            let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+            hooks
+                .list
+                .iter()
+                .filter(|(_, filter, _)| filter.matches(&batch.requests))
+                .map(|(_, _, hook)| hook.clone())
+                .collect()
+        };
+        let paused_batch = Arc::new(PausedBatch {
+            seq,
+            full: batch.full,
+            extents: extents.clone(),
+            requests: batch.requests.clone(),
+        });
         let planned = Instant::now();
         let pause = match self.pauser.pause_all(self.config.pause_timeout) {
             Ok(pause) => pause,
-            Err(e) => {
-                let e = EngineError::Pause(e);
-                done.complete(Err(FlushError {
-                    reason: e.to_string(),
-                }));
-                return Err(e);
-            }
+            Err(e) => return Err(fail_unpaused(EngineError::Pause(e), done)),
         };
         let paused = Instant::now();
         self.observe(FlushPhase::Paused);
-        let result = self.flush_paused(&pause, memory, &extents);
+        let result = self
+            .run_hooks(&hooks, HookPoint::BeforeFlush, &paused_batch, &memory)
+            .and_then(|()| self.flush_paused(&pause, memory.clone(), &extents));
         let flushed = Instant::now();
+        let result = result.and_then(|flushed| {
+            self.observe(FlushPhase::Flushed);
+            self.run_hooks(&hooks, HookPoint::AfterFlush, &paused_batch, &memory)?;
+            Ok(flushed)
+        });
+        // Logged before the answer, so whoever sees the answer finds the
+        // record.
+        self.log_batch(seq, batch, &extents, &result);
         match &result {
-            Ok(_) => {
-                self.observe(FlushPhase::Flushed);
-                done.complete(Ok(()));
-            }
+            Ok(_) => done.complete(Ok(())),
             Err(e) => done.complete(Err(FlushError {
                 reason: e.to_string(),
             })),
@@ -563,7 +695,7 @@ impl<P, AS> FlushBackend for FlushEngine<P, AS>
 where
     P: VcpuPause + 'static,
     AS: GuestAddressSpace + Send + Sync,
-    AS::M: GuestMemoryBackend,
+    AS::M: GuestMemoryBackend + 'static,
     AS::T: Send + Sync + 'static,
 {
     fn flush(&self, batch: FlushBatch, done: BatchCompletion) {

@@ -9,13 +9,18 @@
 //! * [`engine`]: plan → pause → flush the shares → count → answer → resume;
 //! * [`plan`]: whole lines, merged, cut at region edges, split into shares;
 //! * [`resident`]: which pages a full flush must cover;
-//! * [`cache_ops`]: CLFLUSHOPT/CLFLUSH, and the [`LineFlush`] seam tests use.
+//! * [`cache_ops`]: CLFLUSHOPT/CLFLUSH, and the [`LineFlush`] seam tests use;
+//! * [`flush_log`]: one numbered record per batch, in a bounded ring;
+//! * [`hooks`]: host code run inside a batch's pause (hand-off tests, the
+//!   dirty-page audit).
 //!
 //! No KVM dependency: how a VMM kicks its vCPUs stays behind [`VcpuPause`].
 #![deny(missing_docs)]
 
 pub mod cache_ops;
 pub mod engine;
+pub mod flush_log;
+pub mod hooks;
 pub mod pause;
 pub mod plan;
 pub mod resident;
@@ -27,4 +32,6 @@ pub use engine::{
     current_cpu, EngineConfig, EngineError, EngineStats, FlushEngine, FlushObserver, FlushPhase,
     FlushRecord, Percentiles, ShareRecord, LATENCY_WINDOW, PAUSE_TIMEOUT,
 };
+pub use flush_log::{BatchOutcome, FlushLog, FlushLogRecord};
+pub use hooks::{HookFilter, HookId, PauseHook, PausedBatch};
 pub use pause::{PauseError, PausedVcpus, VcpuPause, WorkFn, Worker};

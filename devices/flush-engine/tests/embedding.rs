@@ -261,6 +261,7 @@ fn range_batch(extents: &[(u64, u64)]) -> FlushBatch {
             })
             .collect(),
         full: false,
+        requests: Vec::new(),
     }
 }
 
@@ -532,8 +533,8 @@ fn a_full_flush_covers_every_page_the_guest_touched() {
     let engine =
         FlushEngine::new(vcpus.clone(), Arc::new(mem.clone())).with_line_flush(rec.clone());
     let batch = FlushBatch {
-        extents: Vec::new(),
         full: true,
+        ..FlushBatch::default()
     };
     assert!(flush(&engine, batch, &journal));
     vcpus.shutdown();
@@ -567,4 +568,191 @@ fn the_engine_counts_what_it_did() {
         .shares
         .iter()
         .all(|s| s.vcpu.is_none() && s.host_cpu >= 0));
+}
+
+// ------------------------------------------------- flush log and pause hooks --
+
+fn tagged_batch(extents: &[(u64, u64)], tags: &[u64]) -> FlushBatch {
+    FlushBatch {
+        requests: tags
+            .iter()
+            .map(|&tag| devices::cache_flush::BatchRequest { queue: 0, tag })
+            .collect(),
+        ..range_batch(extents)
+    }
+}
+
+/// Notes its calls in the journal; fails or stalls when told to.
+struct JournalHook {
+    journal: Journal,
+    fail_after: bool,
+    stall: Option<Duration>,
+}
+
+impl flush_engine::PauseHook<GuestMemoryMmap> for JournalHook {
+    fn before_flush(
+        &self,
+        batch: &flush_engine::PausedBatch,
+        _: &GuestMemoryMmap,
+    ) -> Result<(), String> {
+        note(&self.journal, format!("hook before {}", batch.seq));
+        Ok(())
+    }
+
+    fn after_flush(
+        &self,
+        batch: &flush_engine::PausedBatch,
+        _: &GuestMemoryMmap,
+    ) -> Result<(), String> {
+        if let Some(stall) = self.stall {
+            std::thread::sleep(stall);
+        }
+        note(&self.journal, format!("hook after {}", batch.seq));
+        if self.fail_after {
+            Err("the buffer was not what the test expected".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[test]
+fn every_batch_gets_a_numbered_record_with_its_requests_and_outcome() {
+    let journal = Journal::default();
+    let mem = memory(&[(0, 1 << 20), (2 << 20, 1 << 20)]);
+    let vcpus = ThreadVcpus::start(2, mem.clone(), journal.clone());
+    let engine = FlushEngine::new(vcpus.clone(), Arc::new(mem.clone()));
+    assert!(flush(
+        &engine,
+        tagged_batch(&[(0x8000, 100)], &[7, 8]),
+        &journal
+    ));
+    // In the gap: HOST_ERROR, logged all the same.
+    assert!(!flush(
+        &engine,
+        tagged_batch(&[(1 << 20, 64)], &[9]),
+        &journal
+    ));
+    vcpus.shutdown();
+    let records = engine.flush_log().since(0);
+    assert_eq!(records.len(), 2);
+    assert_eq!((records[0].seq, records[1].seq), (1, 2));
+    assert_eq!(records[0].extents, vec![(GuestAddress(0x8000), 128)]);
+    assert_eq!(
+        records[0]
+            .requests
+            .iter()
+            .map(|r| r.tag)
+            .collect::<Vec<_>>(),
+        [7, 8]
+    );
+    assert_eq!(records[0].outcome, flush_engine::BatchOutcome::Ok);
+    assert!(!records[0].share_host_cpus.is_empty());
+    assert!(matches!(
+        &records[1].outcome,
+        flush_engine::BatchOutcome::HostError(why) if why.contains("not in guest RAM")
+    ));
+    assert_eq!(engine.flush_log().since(1).len(), 1);
+    assert_eq!(engine.next_seq(), 3);
+}
+
+#[test]
+fn a_tag_hook_runs_inside_the_pause_around_the_flush_of_its_batches_only() {
+    let journal = Journal::default();
+    let mem = memory(&[(0, 1 << 20)]);
+    let vcpus = ThreadVcpus::start(2, mem.clone(), journal.clone());
+    let rec = recorder(&journal);
+    let engine = FlushEngine::new(vcpus.clone(), Arc::new(mem.clone())).with_line_flush(rec);
+    let id = engine.add_pause_hook(
+        flush_engine::HookFilter::Tag(42),
+        Arc::new(JournalHook {
+            journal: journal.clone(),
+            fail_after: false,
+            stall: None,
+        }),
+    );
+    assert!(flush(
+        &engine,
+        tagged_batch(&[(0x8000, 64)], &[1]),
+        &journal
+    ));
+    assert!(flush(
+        &engine,
+        tagged_batch(&[(0x9000, 64)], &[1, 42]),
+        &journal
+    ));
+    assert!(engine.remove_pause_hook(id));
+    assert!(flush(
+        &engine,
+        tagged_batch(&[(0xa000, 64)], &[42]),
+        &journal
+    ));
+    vcpus.shutdown();
+    assert_eq!(
+        events(&journal),
+        [
+            "paused",
+            "flush",
+            "completed ok",
+            "resumed", // tag 1 only: no hook
+            "paused",
+            "hook before 2",
+            "flush",
+            "hook after 2",
+            "completed ok",
+            "resumed",
+            "paused",
+            "flush",
+            "completed ok",
+            "resumed", // removed
+        ]
+    );
+}
+
+#[test]
+fn a_failing_hook_makes_the_batch_host_error() {
+    let journal = Journal::default();
+    let mem = memory(&[(0, 1 << 20)]);
+    let vcpus = ThreadVcpus::start(1, mem.clone(), journal.clone());
+    let engine = FlushEngine::new(vcpus.clone(), Arc::new(mem.clone()));
+    engine.add_pause_hook(
+        flush_engine::HookFilter::EveryBatch,
+        Arc::new(JournalHook {
+            journal: journal.clone(),
+            fail_after: true,
+            stall: None,
+        }),
+    );
+    assert!(!flush(&engine, range_batch(&[(0x8000, 64)]), &journal));
+    vcpus.shutdown();
+    let record = &engine.flush_log().since(0)[0];
+    assert!(matches!(
+        &record.outcome,
+        flush_engine::BatchOutcome::HostError(why) if why.contains("not what the test expected")
+    ));
+}
+
+#[test]
+fn a_hook_that_overruns_its_deadline_is_host_error_and_the_vcpus_resume() {
+    let journal = Journal::default();
+    let mem = memory(&[(0, 1 << 20)]);
+    let vcpus = ThreadVcpus::start(1, mem.clone(), journal.clone());
+    let engine = FlushEngine::new(vcpus.clone(), Arc::new(mem.clone())).with_config(
+        flush_engine::EngineConfig {
+            hook_timeout: Duration::from_millis(50),
+            ..Default::default()
+        },
+    );
+    engine.add_pause_hook(
+        flush_engine::HookFilter::EveryBatch,
+        Arc::new(JournalHook {
+            journal: journal.clone(),
+            fail_after: false,
+            stall: Some(Duration::from_millis(500)),
+        }),
+    );
+    assert!(!flush(&engine, range_batch(&[(0x8000, 64)]), &journal));
+    let seen = events(&journal);
+    assert_eq!(seen.last().map(String::as_str), Some("resumed"), "{seen:?}");
+    vcpus.shutdown();
 }

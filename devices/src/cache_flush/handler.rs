@@ -33,7 +33,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::device::{Active, Shared};
 use super::metrics::CacheFlushMetrics;
 use super::request::{ParsedChain, Request, RequestError};
-use super::{BatchCompletion, FlushBackend, FlushBatch, FlushError};
+use super::{BatchCompletion, BatchRequest, FlushBackend, FlushBatch, FlushError};
 use crate::virtio::VirtioInterrupt;
 
 /// How many pop-flush-complete rounds one event may run. A guest that keeps
@@ -164,6 +164,10 @@ impl CacheFlushHandler {
                         } else {
                             round.batch.full = true;
                         }
+                        round.batch.requests.push(BatchRequest {
+                            queue: index,
+                            tag: parsed.tag.unwrap_or(0),
+                        });
                         round.pending.push(Pending {
                             queue: index,
                             head: parsed.head_index,

@@ -56,6 +56,20 @@ pub struct FlushBatch {
     /// True if at least one FLUSH_ALL request is in the batch; then
     /// `extents` may be ignored, every resident line being flushed anyway.
     pub full: bool,
+    /// Who asked: one entry per request of the batch, in pop order (for the
+    /// flush log and for pause hooks that act on one tag).
+    pub requests: Vec<BatchRequest>,
+}
+
+/// One request of a batch, as the flush log and pause hooks see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchRequest {
+    /// The queue it came on.
+    pub queue: u16,
+    /// The header's `tag`: opaque to the device, the driver's own label (a
+    /// hand-off test tags the flush that hands a buffer over, and a host
+    /// hook acts on that tag).
+    pub tag: u64,
 }
 
 impl FlushBatch {
