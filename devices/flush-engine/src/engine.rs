@@ -261,8 +261,11 @@ pub struct FlushEngine<P, AS: GuestAddressSpace> {
 /// The registered pause hooks.
 struct Hooks<AS: GuestAddressSpace> {
     next_id: u64,
-    list: Vec<(HookId, HookFilter, Arc<dyn PauseHook<AS::M>>)>,
+    list: Vec<Registered<AS::M>>,
 }
+
+/// One registered hook.
+type Registered<M> = (HookId, HookFilter, Arc<dyn PauseHook<M>>);
 
 impl<P, AS: GuestAddressSpace> Clone for FlushEngine<P, AS> {
     fn clone(&self) -> Self {
