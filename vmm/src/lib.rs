@@ -2,6 +2,7 @@
 //! cache-flush service.
 //!
 //! * [`alias`]: a second host mapping of guest RAM (hand-off tests).
+//! * [`audit`]: the dirty-page audit (guest writes not covered by a flush).
 //! * [`bench`]: `vmm bench`, the benchmark of the cache-flush service.
 //! * [`memory`]: guest RAM (memfd-backed, lazily allocated) and its layout.
 //! * [`loader`]: ELF kernel validation and loading.
@@ -17,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod alias;
+pub mod audit;
 pub mod bench;
 pub mod boot;
 /// The flush engine (crate `flush-engine`), as this VMM instantiates it: its

@@ -58,6 +58,12 @@ struct Cli {
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     range_flush_rate: u64,
 
+    /// Keep the dirty-page audit: KVM dirty logging on guest RAM, so a host
+    /// program (or --metrics) can see guest writes no flush covered. Costs a
+    /// write-protect fault per first write per page after each flush.
+    #[arg(long)]
+    audit: bool,
+
     /// Write the VMM's counters (requests by type and status, bytes, lines,
     /// pause and flush time percentiles, rate-limited requests) as JSON to
     /// PATH, every --metrics-interval seconds and at exit.
@@ -187,6 +193,7 @@ fn run(cli: Cli) -> Result<VmOutcome, Box<dyn std::error::Error>> {
         }),
         handle_signals: true,
         serial_out: None,
+        audit: cli.audit,
     };
     let vm = Vm::new(&config)?;
     let running = vm.start()?;

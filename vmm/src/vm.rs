@@ -24,12 +24,14 @@ use devices::legacy::SerialPort;
 use devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::NoInterrupt;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use flush_engine::HookFilter;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::alias::{AliasError, SharedAlias};
+use crate::audit::DirtyAudit;
 use crate::boot::{self, BootError};
 use crate::flush_engine::FlushEngine;
 use crate::loader::{self, LoadedKernel, LoaderError};
@@ -66,6 +68,10 @@ pub struct VmConfig {
     /// Where the guest's UART output goes: the VMM's stdout (`None`), or
     /// appended to this buffer (the bench reads the guest's results here).
     pub serial_out: Option<Arc<Mutex<Vec<u8>>>>,
+    /// Keep the dirty-page audit ([`crate::audit`]): KVM dirty logging on
+    /// guest RAM, costing a write-protect fault per first write per page
+    /// after each flush. Off by default.
+    pub audit: bool,
 }
 
 impl VmConfig {
@@ -83,6 +89,7 @@ impl VmConfig {
             metrics: None,
             handle_signals: false,
             serial_out: None,
+            audit: false,
         }
     }
 }
@@ -147,7 +154,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> VmE
 /// A configured VM whose vCPUs have not started.
 pub struct Vm {
     _kvm: Kvm,
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     ram: GuestRam,
     kernel: LoadedKernel,
     vcpus: Vec<Vcpu>,
@@ -157,6 +164,7 @@ pub struct Vm {
     handle_signals: bool,
     metrics: Option<MetricsConfig>,
     flush: CacheFlushService,
+    audit: Option<Arc<DirtyAudit>>,
 }
 
 /// The cache-flush device as the VM keeps it: its queue worker (added to the
@@ -179,15 +187,21 @@ impl Vm {
         loader::validate(&config.kernel, &ram.layout)?;
 
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        let mut audited_slots = Vec::new();
         for (slot, region) in ram.memory.iter().enumerate() {
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
-                flags: 0,
+                flags: if config.audit {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
             };
+            audited_slots.push((slot as u32, region.start_addr().0, region.len()));
             // SAFETY: the region is a live mapping owned by `ram`, which the
             // returned Vm keeps for at least as long as `vm_fd`.
             unsafe { vm_fd.set_user_memory_region(mem_region) }
@@ -219,6 +233,17 @@ impl Vm {
         let control = VcpuControl::new(config.vcpus as usize);
         let (flush, flush_entry) = attach_cache_flush(config, &vm_fd, &ram, &control, &mut mmio)?;
         device_table.push(flush_entry);
+        let audit = config.audit.then(|| {
+            let audit = Arc::new(DirtyAudit::new(
+                vm_fd.clone(),
+                flush.engine.flush_log().clone(),
+                &audited_slots,
+            ));
+            flush
+                .engine
+                .add_pause_hook(HookFilter::EveryBatch, audit.clone());
+            audit
+        });
 
         boot::write_boot_structures(
             &ram.memory,
@@ -279,6 +304,7 @@ impl Vm {
             handle_signals: config.handle_signals,
             metrics: config.metrics.clone(),
             flush,
+            audit,
         })
     }
 
@@ -343,6 +369,7 @@ impl Vm {
             flush_metrics: self.flush.metrics,
             flush_engine: self.flush.engine,
             _vm_fd: self.vm_fd,
+            audit: self.audit,
             ram: self.ram,
             control: self.control,
             outcome: self.outcome,
@@ -359,7 +386,8 @@ pub struct RunningVm {
     flush_handler: Option<CacheFlushHandler>,
     flush_metrics: Arc<CacheFlushMetrics>,
     flush_engine: FlushEngine,
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
+    audit: Option<Arc<DirtyAudit>>,
     ram: GuestRam,
     control: Arc<VcpuControl>,
     outcome: Arc<OutcomeSink>,
@@ -393,6 +421,11 @@ impl RunningVm {
     /// The flush engine behind the cache-flush device.
     pub fn flush_engine(&self) -> &FlushEngine {
         &self.flush_engine
+    }
+
+    /// The dirty-page audit, when the VM was configured with `audit`.
+    pub fn audit(&self) -> Option<&Arc<DirtyAudit>> {
+        self.audit.as_ref()
     }
 
     /// The cache-flush device's counters.

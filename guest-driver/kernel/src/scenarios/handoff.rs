@@ -19,6 +19,13 @@
 //!    may survive on any CPU), reads it back, checks the host pattern, sets
 //!    the mailbox to [`GUEST_VERIFIED`] (3) and exits 0.
 //!
+//! `variant=` plants the bug a dirty-page audit (`--audit`) must find; the
+//! data stays correct in every variant, so no data check can:
+//! * `flush` (default): as above;
+//! * `no-flush`: step 1 hands the data over without flushing it;
+//! * `late-write`: step 1 flushes, then writes the word at buffer offset
+//!   [`LATE_WRITE_OFFSET`] once more (the same value) before handing over.
+//!
 //! On a wrong word the guest prints one line naming it and exits 1; if the
 //! mailbox does not reach 2 within the timeout it prints one line saying so
 //! and exits 1. Meanwhile vCPUs 1.. keep reading the data, so every vCPU has
@@ -61,6 +68,18 @@ pub const GUEST_PATTERN: u64 = 0x4755_4553_5400_0000;
 /// See [`GUEST_PATTERN`].
 pub const HOST_PATTERN: u64 = 0x484f_5354_0000_0000;
 
+/// The buffer offset (third page) of the word `variant=late-write` writes
+/// again after the flush.
+pub const LATE_WRITE_OFFSET: u64 = 0x2008;
+
+/// What step 1 does (`variant=`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Flush,
+    NoFlush,
+    LateWrite,
+}
+
 /// Mailbox value until the host has answered, read by the other vCPUs to
 /// know when to stop reading the data.
 static DONE: AtomicU64 = AtomicU64::new(0);
@@ -77,6 +96,22 @@ fn run(env: &Env) -> Outcome {
         Ok(values) => values,
         Err(outcome) => return outcome,
     };
+    let variant = match env.cmdline.get("variant") {
+        None | Some("flush") => Variant::Flush,
+        Some("no-flush") => Variant::NoFlush,
+        Some("late-write") => Variant::LateWrite,
+        Some(other) => {
+            return env.bad_option(format_args!(
+                "variant={other}: expected flush, no-flush or late-write"
+            ))
+        }
+    };
+    if variant == Variant::LateWrite && len < LATE_WRITE_OFFSET + 8 {
+        return env.bad_option(format_args!(
+            "variant=late-write needs len >= {:#x}",
+            LATE_WRITE_OFFSET + 8
+        ));
+    }
     if let Err(why) = check_buffer(env, buffer, len) {
         return env.bad_option(format_args!("buffer={buffer:#x} len={len}: {why}"));
     }
@@ -114,13 +149,28 @@ fn run(env: &Env) -> Outcome {
         // until it hands the buffer over.
         unsafe { word(i).write_volatile(GUEST_PATTERN ^ (8 * i)) };
     }
-    if let Err(e) = flush.range(data, len - MAILBOX_BYTES) {
-        DONE.store(1, Ordering::Relaxed);
-        return crate::fail!("handoff: FAILED: flushing the guest pattern: {e}");
+    if variant != Variant::NoFlush {
+        if let Err(e) = flush.range(data, len - MAILBOX_BYTES) {
+            DONE.store(1, Ordering::Relaxed);
+            return crate::fail!("handoff: FAILED: flushing the guest pattern: {e}");
+        }
+    }
+    if variant == Variant::LateWrite {
+        let o = LATE_WRITE_OFFSET - MAILBOX_BYTES;
+        // SAFETY: a word of the checked buffer (len was checked above); the
+        // same value again: a write after the flush that changes no data.
+        unsafe { ((data + o) as *mut u64).write_volatile(GUEST_PATTERN ^ o) };
     }
     // Printed before the mailbox moves, so that the host's own lines never
     // land in the middle of this one.
-    crate::println!("handoff: guest pattern written and flushed; mailbox=1: handed to the host");
+    crate::println!(
+        "handoff: guest pattern written{}; mailbox=1: handed to the host",
+        match variant {
+            Variant::Flush => " and flushed",
+            Variant::NoFlush => ", NOT flushed (variant=no-flush)",
+            Variant::LateWrite => " and flushed, then one word written again (variant=late-write)",
+        }
+    );
     // Release: the pattern before the mailbox value that hands it over.
     mailbox.store(HANDED_TO_HOST, Ordering::Release);
 
