@@ -66,6 +66,12 @@ pub enum ControlError {
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     SignalHandler(#[source] std::io::Error),
+    /// The controller role was not free before the deadline.
+    #[error("another controller kept the vCPUs paused for more than {0:?}")]
+    RoleTimeout(Duration),
+    /// The VM is finishing: no new pause.
+    #[error("the VM is stopping")]
+    Finishing,
 }
 
 /// Where a vCPU thread is.
@@ -130,7 +136,28 @@ struct State {
     finish: bool,
     work: Option<VcpuWork>,
     work_seq: u64,
+    /// Who holds the controller role (one pause at a time), if anyone.
+    role: Option<RoleHolder>,
 }
+
+/// The thread that holds the controller role, and how many nested pauses
+/// it has taken (a vCPU serving a notify holds the role, and the flush
+/// engine it calls pauses again: the same role).
+struct RoleHolder {
+    thread: std::thread::ThreadId,
+    depth: u32,
+}
+
+thread_local! {
+    /// On a vCPU thread: (its control channel's address, its index).
+    static CURRENT_VCPU: std::cell::Cell<Option<(usize, usize)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// How long a vCPU waits for the controller role while another controller's
+/// batch runs (it is parked meanwhile, so this is only a hang guard; a full
+/// flush of the largest guest takes seconds).
+pub const ROLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Shared between the vCPU threads and their controllers.
 pub struct VcpuControl {
@@ -144,8 +171,6 @@ pub struct VcpuControl {
     in_kvm_run: Vec<AtomicBool>,
     /// The host CPU each vCPU thread last left `KVM_RUN` on (-1: not yet).
     last_host_cpu: Vec<AtomicI32>,
-    /// Serialises controllers: one pause at a time.
-    controller: Mutex<()>,
 }
 
 impl VcpuControl {
@@ -165,12 +190,12 @@ impl VcpuControl {
                 finish: false,
                 work: None,
                 work_seq: 0,
+                role: None,
             }),
             vcpu_wakeup: Condvar::new(),
             controller_wakeup: Condvar::new(),
             in_kvm_run: (0..count).map(|_| AtomicBool::new(false)).collect(),
             last_host_cpu: (0..count).map(|_| AtomicI32::new(-1)).collect(),
-            controller: Mutex::new(()),
         })
     }
 
@@ -213,6 +238,19 @@ impl VcpuControl {
         slot.thread = Some(unsafe { libc::pthread_self() });
         slot.immediate_exit = Some(ImmediateExit(immediate_exit));
         self.controller_wakeup.notify_all();
+        CURRENT_VCPU.set(Some((self.id(), index)));
+    }
+
+    /// This channel's identity, for [`CURRENT_VCPU`].
+    fn id(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// The vCPU of this channel whose thread is calling, if any.
+    fn calling_vcpu(&self) -> Option<usize> {
+        CURRENT_VCPU
+            .get()
+            .and_then(|(id, index)| (id == self.id()).then_some(index))
     }
 
     /// Called by vCPU thread `index` at the top of its loop.
@@ -268,21 +306,9 @@ impl VcpuControl {
         self.controller_wakeup.notify_all();
         loop {
             // Work first, even when finishing: a controller is waiting for it.
-            if st.slots[index].pause_requested && st.slots[index].work_done < st.work_seq {
-                let seq = st.work_seq;
-                if let Some(work) = st.work.clone() {
-                    drop(st);
-                    // A panic in the work must not end this vCPU's thread
-                    // (nor leave its slot parked for good): it is contained
-                    // here; the controller learns of it because the work did
-                    // not report success (the flush engine counts its lines).
-                    if catch_unwind(AssertUnwindSafe(|| work(index))).is_err() {
-                        log::error!("vcpu {index}: work run during a pause panicked");
-                    }
-                    st = self.lock();
-                }
-                st.slots[index].work_done = seq;
-                self.controller_wakeup.notify_all();
+            let (guard, ran) = self.run_posted_work(st, index);
+            st = guard;
+            if ran {
                 continue;
             }
             if st.finish {
@@ -296,6 +322,112 @@ impl VcpuControl {
         }
     }
 
+    /// Runs the work posted for parked vCPU `index`, if any is pending;
+    /// returns the re-taken lock and whether it ran something.
+    fn run_posted_work<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        index: usize,
+    ) -> (MutexGuard<'a, State>, bool) {
+        if !(st.slots[index].pause_requested && st.slots[index].work_done < st.work_seq) {
+            return (st, false);
+        }
+        let seq = st.work_seq;
+        if let Some(work) = st.work.clone() {
+            drop(st);
+            // A panic in the work must not end this vCPU's thread (nor leave
+            // its slot parked for good): it is contained here; the
+            // controller learns of it because the work did not report
+            // success (the flush engine counts its lines).
+            if catch_unwind(AssertUnwindSafe(|| work(index))).is_err() {
+                log::error!("vcpu {index}: work run during a pause panicked");
+            }
+            st = self.lock();
+        }
+        st.slots[index].work_done = seq;
+        self.controller_wakeup.notify_all();
+        (st, true)
+    }
+
+    /// Takes the controller role for the calling thread (nested if it holds
+    /// it already). A vCPU thread waiting for it counts as parked: it is out
+    /// of `KVM_RUN`, so another controller's pause does not wait for it, and
+    /// it takes a share of that controller's work meanwhile. Returns the
+    /// lock, held.
+    fn acquire_role<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<MutexGuard<'a, State>, ControlError> {
+        let me = std::thread::current().id();
+        let vcpu = self.calling_vcpu();
+        if let Some(holder) = st.role.as_mut().filter(|h| h.thread == me) {
+            holder.depth += 1;
+            return Ok(st);
+        }
+        let free =
+            |st: &State| st.role.is_none() && vcpu.is_none_or(|k| !st.slots[k].pause_requested);
+        if let Some(k) = vcpu {
+            let before = st.slots[k].state;
+            st.slots[k].state = RunState::Parked;
+            self.controller_wakeup.notify_all();
+            let result = loop {
+                let (guard, ran) = self.run_posted_work(st, k);
+                st = guard;
+                if ran {
+                    continue;
+                }
+                if st.finish {
+                    break Err(ControlError::Finishing);
+                }
+                if free(&st) {
+                    break Ok(());
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    break Err(ControlError::RoleTimeout(timeout));
+                }
+                st = self
+                    .vcpu_wakeup
+                    .wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            };
+            st.slots[k].state = before;
+            result?;
+        } else {
+            while !free(&st) {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(ControlError::RoleTimeout(timeout));
+                }
+                st = self
+                    .controller_wakeup
+                    .wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        st.role = Some(RoleHolder {
+            thread: me,
+            depth: 1,
+        });
+        Ok(st)
+    }
+
+    /// Gives the role back one level (see [`Self::acquire_role`]).
+    fn release_role(&self, st: &mut State) {
+        if let Some(holder) = st.role.as_mut() {
+            holder.depth -= 1;
+            if holder.depth == 0 {
+                st.role = None;
+            }
+        }
+        self.vcpu_wakeup.notify_all();
+        self.controller_wakeup.notify_all();
+    }
+
     /// Called by vCPU thread `index` when it leaves its run loop for good,
     /// before its `kvm_run` mapping goes away.
     pub fn exited(&self, index: usize) {
@@ -306,6 +438,9 @@ impl VcpuControl {
         slot.immediate_exit = None;
         self.in_kvm_run[index].store(false, Ordering::SeqCst);
         self.controller_wakeup.notify_all();
+        if self.calling_vcpu() == Some(index) {
+            CURRENT_VCPU.set(None);
+        }
     }
 
     // ---- controller side --------------------------------------------------
@@ -329,6 +464,12 @@ impl VcpuControl {
 
     /// Pauses `vcpus` and waits until each is parked or gone. On timeout the
     /// pause is undone and the vCPUs still running are named.
+    ///
+    /// Called from a vCPU thread (a vCPU serving its own notify), that vCPU
+    /// is not waited for: it is out of `KVM_RUN`, handling the exit; it
+    /// counts as paused and takes its share of the work inline. Waiting for
+    /// the controller role, it counts as parked (see
+    /// [`Self::acquire_role`]).
     pub fn pause(
         &self,
         vcpus: &[usize],
@@ -337,10 +478,18 @@ impl VcpuControl {
         if let Some(&bad) = vcpus.iter().find(|&&i| i >= self.count()) {
             return Err(ControlError::NoSuchVcpu(bad));
         }
-        let controller = self.controller.lock().unwrap_or_else(|p| p.into_inner());
+        let role_deadline = Instant::now() + ROLE_TIMEOUT.max(timeout);
+        let st = self.lock();
+        let mut st = self.acquire_role(st, role_deadline, ROLE_TIMEOUT.max(timeout))?;
+        // A pause taken under a pause of the same thread: the outer one owns
+        // the vCPUs' pause requests; this one only adds the ones it names.
+        let nested = st.role.as_ref().is_some_and(|h| h.depth > 1);
+        let me = self.calling_vcpu();
         let deadline = Instant::now() + timeout;
-        let mut st = self.lock();
         for &i in vcpus {
+            if Some(i) == me {
+                continue;
+            }
             st.slots[i].pause_requested = true;
             Self::kick_locked(&st.slots[i]);
         }
@@ -348,6 +497,7 @@ impl VcpuControl {
             let running: Vec<usize> = vcpus
                 .iter()
                 .copied()
+                .filter(|&i| Some(i) != me)
                 .filter(|&i| matches!(st.slots[i].state, RunState::Running | RunState::NotStarted))
                 .collect();
             if running.is_empty() {
@@ -355,10 +505,14 @@ impl VcpuControl {
             }
             let now = Instant::now();
             if now >= deadline {
-                for &i in vcpus {
-                    st.slots[i].pause_requested = false;
+                if !nested {
+                    for &i in vcpus {
+                        if Some(i) != me {
+                            st.slots[i].pause_requested = false;
+                        }
+                    }
                 }
-                self.vcpu_wakeup.notify_all();
+                self.release_role(&mut st);
                 return Err(ControlError::PauseTimeout {
                     vcpus: running,
                     timeout,
@@ -380,7 +534,8 @@ impl VcpuControl {
         Ok(PauseGuard {
             control: self,
             vcpus: vcpus.to_vec(),
-            _controller: controller,
+            controller_vcpu: me.filter(|k| vcpus.contains(k)),
+            nested,
         })
     }
 
@@ -399,25 +554,25 @@ impl VcpuControl {
     /// wait is too.
     pub fn finish(&self, timeout: Duration) -> Vec<usize> {
         let deadline = Instant::now() + timeout;
-        // Polled rather than blocked on, so that even a caller that holds a
-        // pause itself gets its answer (every live vCPU "stuck") at the
-        // deadline instead of deadlocking.
-        let _controller = loop {
-            match self.controller.try_lock() {
-                Ok(guard) => break guard,
-                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    let st = self.lock();
-                    return (0..st.slots.len())
-                        .filter(|&i| st.slots[i].state != RunState::Exited)
-                        .collect();
-                }
+        let st = self.lock();
+        // A caller that holds a pause itself would nest: it gets every live
+        // vCPU back as "stuck" instead (finishing under one's own pause
+        // would take the workers the pause is using).
+        let me = std::thread::current().id();
+        if st.role.as_ref().is_some_and(|h| h.thread == me) {
+            return (0..st.slots.len())
+                .filter(|&i| st.slots[i].state != RunState::Exited)
+                .collect();
+        }
+        let mut st = match self.acquire_role(st, deadline, timeout) {
+            Ok(st) => st,
+            Err(_) => {
+                let st = self.lock();
+                return (0..st.slots.len())
+                    .filter(|&i| st.slots[i].state != RunState::Exited)
+                    .collect();
             }
         };
-        let mut st = self.lock();
         st.finish = true;
         self.vcpu_wakeup.notify_all();
         loop {
@@ -431,10 +586,12 @@ impl VcpuControl {
                 .filter(|&i| st.slots[i].state != RunState::NotStarted)
                 .collect();
             if stuck.is_empty() {
+                self.release_role(&mut st);
                 return Vec::new();
             }
             let now = Instant::now();
             if now >= deadline {
+                self.release_role(&mut st);
                 return stuck;
             }
             for &i in &stuck {
@@ -454,7 +611,12 @@ impl VcpuControl {
 pub struct PauseGuard<'a> {
     control: &'a VcpuControl,
     vcpus: Vec<usize>,
-    _controller: MutexGuard<'a, ()>,
+    /// The vCPU whose thread took this pause (serving its own notify), if
+    /// it is one of `vcpus`: not parked, but out of `KVM_RUN` all the same.
+    controller_vcpu: Option<usize>,
+    /// Taken under another pause of the same thread, which resumes the
+    /// vCPUs when it ends.
+    nested: bool,
 }
 
 impl PauseGuard<'_> {
@@ -469,6 +631,15 @@ impl PauseGuard<'_> {
             .collect()
     }
 
+    /// The vCPUs whose threads take work: the parked ones, and the vCPU that
+    /// took this pause from its own thread, if any.
+    pub fn workers(&self) -> Vec<usize> {
+        let mut workers = self.parked();
+        workers.extend(self.controller_vcpu);
+        workers.sort_unstable();
+        workers
+    }
+
     /// Runs `work(index)` on the thread of every parked vCPU of this pause, in
     /// parallel, and waits until all have finished. Returns the vCPUs that ran
     /// it. A vCPU whose thread ends meanwhile is excused.
@@ -481,16 +652,27 @@ impl PauseGuard<'_> {
         let mut st = self.control.lock();
         st.work_seq += 1;
         let seq = st.work_seq;
-        st.work = Some(work);
-        let ran: Vec<usize> = self
+        st.work = Some(work.clone());
+        let parked: Vec<usize> = self
             .vcpus
             .iter()
             .copied()
-            .filter(|&i| st.slots[i].state.takes_work())
+            .filter(|&i| Some(i) != self.controller_vcpu && st.slots[i].state.takes_work())
             .collect();
         self.control.vcpu_wakeup.notify_all();
+        // The controller's own vCPU (serving its notify) works too, here.
+        if let Some(k) = self.controller_vcpu {
+            drop(st);
+            if catch_unwind(AssertUnwindSafe(|| work(k))).is_err() {
+                log::error!("vcpu {k}: work run during its own pause panicked");
+            }
+            st = self.control.lock();
+        }
+        let mut ran = parked.clone();
+        ran.extend(self.controller_vcpu);
+        ran.sort_unstable();
         let result = loop {
-            let busy: Vec<usize> = ran
+            let busy: Vec<usize> = parked
                 .iter()
                 .copied()
                 .filter(|&i| st.slots[i].work_done < seq && st.slots[i].state.takes_work())
@@ -525,10 +707,14 @@ impl PauseGuard<'_> {
 impl Drop for PauseGuard<'_> {
     fn drop(&mut self) {
         let mut st = self.control.lock();
-        for &i in &self.vcpus {
-            st.slots[i].pause_requested = false;
+        if !self.nested {
+            for &i in &self.vcpus {
+                if Some(i) != self.controller_vcpu {
+                    st.slots[i].pause_requested = false;
+                }
+            }
         }
-        self.control.vcpu_wakeup.notify_all();
+        self.control.release_role(&mut st);
     }
 }
 
@@ -571,7 +757,7 @@ impl VcpuPause for VcpuControl {
 /// the guest occupies), one share per parked or halted thread.
 impl PausedVcpus for PauseGuard<'_> {
     fn worker_count(&self) -> usize {
-        self.parked().len()
+        self.workers().len()
     }
 
     fn run_on_vcpus(&self, work: WorkFn, timeout: Duration) -> Result<(), PauseError> {
@@ -579,7 +765,7 @@ impl PausedVcpus for PauseGuard<'_> {
         // between `worker_count` and here; if a thread died anyway (a panic
         // outside the contained work), its share never runs and the
         // engine's line count fails the batch.
-        let workers = self.parked();
+        let workers = self.workers();
         self.run_on_parked(
             Arc::new(move |vcpu| {
                 if let Some(index) = workers.iter().position(|&v| v == vcpu) {
@@ -626,6 +812,100 @@ mod tests {
             }
             control.exited(index);
         })
+    }
+
+    /// A vCPU thread that serves its own notify: it pauses the others from
+    /// its own thread, every few rounds, `pauses` times, and runs work.
+    fn self_pausing_vcpu(
+        control: &Arc<VcpuControl>,
+        index: usize,
+        pauses: usize,
+        ran: Arc<Mutex<Vec<(usize, usize)>>>,
+        done: std::sync::mpsc::Sender<Result<(), String>>,
+    ) -> JoinHandle<()> {
+        install_kick_handler().unwrap();
+        let control = control.clone();
+        std::thread::spawn(move || {
+            let mut immediate_exit = Box::new(0u8);
+            // SAFETY: the byte lives until this thread calls `exited`.
+            unsafe { control.register(index, &mut *immediate_exit) };
+            let mut left = pauses;
+            let mut rounds = 0u64;
+            loop {
+                match control.before_run(index) {
+                    Directive::Run => {
+                        control.after_run(index);
+                        rounds += 1;
+                        if left > 0 && rounds % 50 == 0 {
+                            left -= 1;
+                            let result = control
+                                .pause_all(Duration::from_secs(10))
+                                .map_err(|e| e.to_string())
+                                .and_then(|pause| {
+                                    let ran = ran.clone();
+                                    let workers = pause.workers();
+                                    pause
+                                        .run_on_parked(
+                                            Arc::new(move |v| ran.lock().unwrap().push((index, v))),
+                                            Duration::from_secs(10),
+                                        )
+                                        .map_err(|e| e.to_string())
+                                        .map(|on| {
+                                            assert_eq!(on, workers);
+                                        })
+                                });
+                            if left == 0 || result.is_err() {
+                                let _ = done.send(result);
+                            }
+                        }
+                        std::thread::yield_now();
+                    }
+                    Directive::Park => {
+                        if control.park(index) == Directive::Finish {
+                            break;
+                        }
+                    }
+                    Directive::Finish => break,
+                }
+            }
+            control.exited(index);
+        })
+    }
+
+    #[test]
+    fn vcpus_pausing_each_other_from_their_own_threads_neither_deadlock_nor_skip_work() {
+        let control = VcpuControl::new(3);
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let (done, finished) = std::sync::mpsc::channel();
+        let pauses = 40;
+        let threads: Vec<_> = (0..3)
+            .map(|i| self_pausing_vcpu(&control, i, pauses, ran.clone(), done.clone()))
+            .collect();
+        for _ in 0..3 {
+            let result = finished
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a vCPU never finished its pauses: deadlock");
+            result.expect("pause from a vCPU thread");
+        }
+        assert!(control.finish(Duration::from_secs(30)).is_empty());
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Every pause ran its work on all three vCPUs: its own (inline) and
+        // the two others (parked, or waiting for the role).
+        let ran = ran.lock().unwrap();
+        for controller in 0..3 {
+            for worker in 0..3 {
+                let n = ran
+                    .iter()
+                    .filter(|&&(c, w)| c == controller && w == worker)
+                    .count();
+                assert_eq!(
+                    n, pauses,
+                    "pauses of vCPU {controller} ran on vCPU {worker} {n} times"
+                );
+            }
+        }
     }
 
     #[test]
