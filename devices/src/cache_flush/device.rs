@@ -8,6 +8,7 @@
 //! `Shared::state`, held only for short, non-blocking sections — never
 //! while the flush engine pauses the vCPUs (see the handler).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -24,6 +25,7 @@ use super::metrics::CacheFlushMetrics;
 use super::rate_limit::TokenBucket;
 use super::request::RequestLimits;
 use super::CacheFlusher;
+use crate::log_throttle::LogThrottle;
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 
 /// The largest `max_segments` a device accepts: the device holds a request's
@@ -106,6 +108,12 @@ pub(crate) struct Shared {
     pub(crate) queue_events: Vec<EventFd>,
     pub(crate) metrics: Arc<CacheFlushMetrics>,
     pub(crate) settings: CacheFlushSettings,
+    /// Budget for the log lines the guest can trigger (rejections, notifies
+    /// while idle, resets during a flush).
+    pub(crate) log_throttle: LogThrottle,
+    /// Set by the handler when a queue became unusable (its available index
+    /// ran away); shown as DEVICE_NEEDS_RESET until the driver resets.
+    pub(crate) needs_reset: AtomicBool,
 }
 
 impl Shared {
@@ -191,6 +199,8 @@ impl CacheFlush {
                 queue_events,
                 metrics: Arc::new(CacheFlushMetrics::default()),
                 settings,
+                log_throttle: LogThrottle::default(),
+                needs_reset: AtomicBool::new(false),
             }),
             avail_features,
             config,
@@ -335,6 +345,11 @@ impl VirtioDevice for CacheFlush {
         // memory is written for them after this returns.
         state.generation = state.generation.wrapping_add(1);
         state.active = None;
+        self.shared.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.shared.needs_reset.load(Ordering::SeqCst)
     }
 }
 
