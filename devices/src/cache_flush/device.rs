@@ -232,9 +232,10 @@ impl CacheFlush {
         self.shared.metrics.clone()
     }
 
-    /// True between a successful DRIVER_OK and the next reset.
+    /// True while the device serves requests: between a successful
+    /// DRIVER_OK and the next reset, unless it has set DEVICE_NEEDS_RESET.
     pub fn is_active(&self) -> bool {
-        self.shared.lock().active.is_some()
+        self.shared.lock().active.is_some() && !self.needs_reset()
     }
 
     /// The queue worker to add to the VMM's event manager (create one per

@@ -1287,3 +1287,73 @@ fn a_flood_of_bad_input_is_counted_in_full_and_logged_a_few_times() {
         "{logs:#?}"
     );
 }
+
+/// Nothing a guest writes into its rings or registers makes the host log at
+/// ERROR level (virtio-queue logs ERROR on bad ring layouts, a runaway
+/// available index and out-of-table heads; the device checks first).
+#[test]
+fn guest_mistakes_are_never_logged_as_errors() {
+    let mem = test_memory();
+    let layouts: [(&str, u32, u32); 5] = [
+        (
+            "used ring in the hole",
+            VIRTIO_MMIO_QUEUE_USED_LOW,
+            (REGION0_END + 0x1000) as u32,
+        ),
+        (
+            "descriptor table in the hole",
+            VIRTIO_MMIO_QUEUE_DESC_LOW,
+            (REGION0_END + 0x1000) as u32,
+        ),
+        (
+            "misaligned descriptor table",
+            VIRTIO_MMIO_QUEUE_DESC_LOW,
+            0x1008,
+        ),
+        (
+            "misaligned driver area",
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+            0x1001,
+        ),
+        ("queue size 12", VIRTIO_MMIO_QUEUE_NUM, 12),
+    ];
+    for (what, register, value) in layouts {
+        let mut h = TestHelper::new(&mem, settings());
+        assert!(h.negotiate(RANGE | FULL | V1));
+        h.setup_queues();
+        h.write(VIRTIO_MMIO_QUEUE_SEL, 0);
+        h.write(VIRTIO_MMIO_QUEUE_READY, 0);
+        h.write(register, value);
+        h.write(VIRTIO_MMIO_QUEUE_READY, 1);
+        take_logs();
+        h.driver_ok();
+        assert_ne!(h.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0, "{what}");
+        let errors: Vec<_> = take_leveled_logs()
+            .into_iter()
+            .filter(|(level, _)| *level == log::Level::Error)
+            .collect();
+        assert!(errors.is_empty(), "{what}: {errors:?}");
+    }
+
+    // A running device: a head outside the table, a runaway index.
+    let mut h = TestHelper::running(&mem, 1);
+    take_logs();
+    h.publish(0, 200);
+    h.kick(0);
+    let idx_addr = GuestAddress(h.avail_addr(0).0 + 2);
+    mem.write_obj(QUEUE_SIZE * 4, idx_addr).unwrap();
+    h.kick(0);
+    h.kick(0);
+    assert_ne!(h.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    let logs = take_leveled_logs();
+    assert!(
+        logs.iter().all(|(level, _)| *level == log::Level::Warn),
+        "{logs:?}"
+    );
+    for expected in ["head index 200", "available index more than 16"] {
+        assert!(
+            logs.iter().any(|(_, line)| line.contains(expected)),
+            "{expected}: {logs:?}"
+        );
+    }
+}
