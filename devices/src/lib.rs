@@ -15,4 +15,5 @@
 pub mod bus;
 pub mod cache_flush;
 pub mod legacy;
+pub mod log_throttle;
 pub mod virtio;

@@ -506,11 +506,19 @@ impl<T: Translate, R: Registers> CacheFlushDriver<T, R> {
                 break seen;
             }
             spins = spins.wrapping_add(1);
-            if spins % NEEDS_RESET_CHECK_PERIOD == 0
-                && self.regs.read32(reg::STATUS) & status::DEVICE_NEEDS_RESET != 0
-            {
-                self.broken.store(true, Ordering::Relaxed);
-                return Err(Error::DeviceNeedsReset);
+            if spins % NEEDS_RESET_CHECK_PERIOD == 0 {
+                // A device that gave up, or one reset under the request
+                // (DRIVER_OK gone): either way the used index will never
+                // move.
+                let device_status = self.regs.read32(reg::STATUS);
+                if device_status & status::DEVICE_NEEDS_RESET != 0 {
+                    self.broken.store(true, Ordering::Relaxed);
+                    return Err(Error::DeviceNeedsReset);
+                }
+                if device_status & status::DRIVER_OK == 0 {
+                    self.broken.store(true, Ordering::Relaxed);
+                    return Err(Error::DeviceReset);
+                }
             }
             spin_loop();
         };

@@ -550,6 +550,23 @@ fn device_needing_reset_ends_the_wait() {
 }
 
 #[test]
+fn device_reset_under_a_request_ends_the_wait() {
+    let (driver, handle) = start(DeviceSetup::default());
+    handle.reset_on_dropped_request();
+    handle.set_responder(|_| None);
+    assert_eq!(driver.invalidate_all_caches(), Err(Error::DeviceReset));
+    // The driver stops using the device: nothing more is submitted.
+    let notifies = handle.notifies();
+    assert_eq!(
+        driver.invalidate_range_all_caches(VA, 64),
+        Err(Error::DeviceNeedsReset)
+    );
+    assert_eq!(handle.notifies(), notifies);
+    drop(driver);
+    handle.finish();
+}
+
+#[test]
 fn drop_resets_the_device() {
     let (driver, handle) = start(DeviceSetup::default());
     assert_ne!(handle.status(), 0);

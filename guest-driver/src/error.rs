@@ -81,6 +81,11 @@ pub enum Error {
     /// The device set DEVICE_NEEDS_RESET while a request was in flight, or an
     /// earlier request left the device unusable. The driver stops using it.
     DeviceNeedsReset,
+    /// The device lost DRIVER_OK while a request was in flight: something
+    /// reset it under the driver. The request may or may not have been
+    /// flushed and is never completed; the driver stops using the device
+    /// (later calls fail with [`Error::DeviceNeedsReset`]).
+    DeviceReset,
 }
 
 impl Error {
@@ -124,6 +129,7 @@ impl fmt::Display for Error {
             Error::UnknownStatus(raw) => write!(f, "device returned unknown status {raw:#x}"),
             Error::BadCompletion => write!(f, "device completed an unexpected request"),
             Error::DeviceNeedsReset => write!(f, "device needs a reset"),
+            Error::DeviceReset => write!(f, "device was reset under the request"),
         }
     }
 }

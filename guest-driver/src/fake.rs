@@ -6,7 +6,7 @@
 use std::boxed::Box;
 use std::format;
 use std::string::String;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -378,6 +378,10 @@ struct Shared {
     log: Mutex<Vec<Received>>,
     violations: Mutex<Vec<String>>,
     responder: Mutex<Responder>,
+    /// When the responder drops a request: reset the device (Status 0, as
+    /// if another agent reset it under the request) instead of setting
+    /// DEVICE_NEEDS_RESET.
+    reset_on_drop: AtomicBool,
     notifies: AtomicUsize,
 }
 
@@ -413,6 +417,7 @@ impl FakeDevice {
             log: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
             responder: Mutex::new(Box::new(|_| Some(0))),
+            reset_on_drop: AtomicBool::new(false),
             notifies: AtomicUsize::new(0),
         });
         let (tx, rx) = channel::<u16>();
@@ -438,6 +443,12 @@ impl FakeDevice {
 impl DeviceHandle {
     pub(crate) fn set_responder(&self, f: impl FnMut(&Received) -> Option<u8> + Send + 'static) {
         *self.shared.responder.lock().unwrap() = Box::new(f);
+    }
+
+    /// A request the responder drops resets the device instead of setting
+    /// DEVICE_NEEDS_RESET.
+    pub(crate) fn reset_on_dropped_request(&self) {
+        self.shared.reset_on_drop.store(true, Ordering::SeqCst);
     }
 
     pub(crate) fn requests(&self) -> Vec<Received> {
@@ -521,6 +532,14 @@ impl Shared {
             self.log.lock().unwrap().push(received);
             q.last_avail = q.last_avail.wrapping_add(1);
             let Some(status_byte) = response else {
+                if self.reset_on_drop.load(Ordering::SeqCst) {
+                    // Reset under the request: no completion, Status 0.
+                    regs.status = 0;
+                    for queue in regs.queues.iter_mut() {
+                        queue.ready = 0;
+                    }
+                    return;
+                }
                 // A device that gave up: no completion, NEEDS_RESET.
                 regs.status |= status::DEVICE_NEEDS_RESET;
                 break;

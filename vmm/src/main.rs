@@ -50,12 +50,14 @@ struct Cli {
 
     /// Serve at most N FLUSH_ALL requests per second; more get the BUSY
     /// status (0 = unlimited).
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N",
+          default_value_t = devices::cache_flush::device::DEFAULT_FULL_PER_SEC_LIMIT)]
     full_flush_rate: u64,
 
     /// Serve at most BYTES of FLUSH_RANGE per second; more get the BUSY
     /// status (0 = unlimited).
-    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    #[arg(long, value_name = "BYTES",
+          default_value_t = devices::cache_flush::device::DEFAULT_RANGE_BYTES_PER_SEC_LIMIT)]
     range_flush_rate: u64,
 
     /// Keep the dirty-page audit: KVM dirty logging on guest RAM, so a host

@@ -4,13 +4,15 @@
 //! The file is replaced atomically (written beside it, then renamed), so a
 //! reader never sees half a document.
 
-use std::fmt::Write as _;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use devices::cache_flush::metrics::CacheFlushMetrics;
+use devices::cache_flush::metrics::{CacheFlushMetrics, MetricsSnapshot};
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde::Serialize;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -37,64 +39,171 @@ pub struct MetricsSources {
     pub vcpus: Arc<VcpuStats>,
 }
 
-fn percentiles_json(p: &Percentiles) -> String {
-    format!(
-        "{{\"count\":{},\"p50\":{},\"p90\":{},\"p99\":{},\"max\":{}}}",
-        p.count, p.p50, p.p90, p.p99, p.max
-    )
+/// The `--metrics` document. Field names are part of the interface
+/// (`tests/faults.rs`, `tests/flush_service.rs` and the README rely on them).
+#[derive(Debug, Serialize)]
+pub struct MetricsDocument {
+    /// The cache-flush device's counters.
+    pub device: DeviceMetrics,
+    /// The flush engine's.
+    pub engine: EngineMetrics,
+    /// The vCPU threads'.
+    pub vcpus: VcpuMetrics,
+}
+
+/// The device: its counters, and its rejections by validation rule.
+#[derive(Debug, Serialize)]
+pub struct DeviceMetrics {
+    /// Requests by type and outcome, bytes, batches (flattened: the keys sit
+    /// directly in `device`).
+    #[serde(flatten)]
+    pub counters: MetricsSnapshot,
+    /// Rejected requests by rule name (`rule=` in the log); every rule is
+    /// present, zeros included.
+    pub rejected_by_rule: BTreeMap<&'static str, u64>,
+}
+
+/// The flush engine.
+#[derive(Debug, Serialize)]
+pub struct EngineMetrics {
+    /// The flush instruction (`clflushopt`, `clflush`).
+    pub instruction: &'static str,
+    /// Cache-line size in bytes.
+    pub line_size: u64,
+    /// Flushes performed.
+    pub batches: u64,
+    /// Of which full flushes.
+    pub full_flushes: u64,
+    /// Bytes flushed.
+    pub bytes: u64,
+    /// Lines flushed.
+    pub lines: u64,
+    /// Failed flushes.
+    pub failures: u64,
+    /// Flushes during which a vCPU was found running (must stay 0).
+    pub vcpus_running_during_flush: u64,
+    /// Time to pause every vCPU, ns.
+    pub pause_ns: PercentileMetrics,
+    /// Time from paused to flushed, ns.
+    pub flush_ns: PercentileMetrics,
+    /// The last flush, `null` before the first.
+    pub last_flush: Option<LastFlush>,
+}
+
+/// A latency distribution.
+#[derive(Debug, Serialize)]
+pub struct PercentileMetrics {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl From<&Percentiles> for PercentileMetrics {
+    fn from(p: &Percentiles) -> Self {
+        Self {
+            count: p.count,
+            p50: p.p50,
+            p90: p.p90,
+            p99: p.p99,
+            max: p.max,
+        }
+    }
+}
+
+/// What the last flush did.
+#[derive(Debug, Serialize)]
+pub struct LastFlush {
+    /// A full flush.
+    pub full: bool,
+    /// Bytes flushed.
+    pub bytes: u64,
+    /// Planning time before the pause, ns.
+    pub plan_ns: u64,
+    /// Pause time, ns.
+    pub pause_ns: u64,
+    /// Flush time, ns.
+    pub flush_ns: u64,
+    /// One entry per share.
+    pub shares: Vec<ShareMetrics>,
+}
+
+/// One share of the last flush.
+#[derive(Debug, Serialize)]
+pub struct ShareMetrics {
+    /// The vCPU whose thread flushed it (`null`: the engine's thread).
+    pub vcpu: Option<usize>,
+    /// The host CPU the share ran on.
+    pub host_cpu: i32,
+    /// The host CPU that vCPU last ran guest code on (-1 if unknown).
+    pub vcpu_last_host_cpu: i32,
+    /// Lines flushed.
+    pub lines: u64,
+}
+
+/// The vCPU threads.
+#[derive(Debug, Serialize)]
+pub struct VcpuMetrics {
+    /// MMIO/PIO accesses no device claimed.
+    pub unclaimed_accesses: u64,
 }
 
 impl MetricsSources {
-    /// The metrics as a JSON object.
-    pub fn to_json(&self) -> String {
+    /// The metrics now.
+    pub fn document(&self) -> MetricsDocument {
         let stats = self.engine.stats();
         let (pause, flush) = stats.latency_percentiles();
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        let mut out = String::new();
-        let _ = write!(
-            out,
-            "{{\"device\":{},\"engine\":{{\"instruction\":\"{}\",\"line_size\":{},\"batches\":{},\"full_flushes\":{},\"bytes\":{},\"lines\":{},\"failures\":{},\"vcpus_running_during_flush\":{},\"pause_ns\":{},\"flush_ns\":{}",
-            self.device.snapshot().to_json(),
-            self.engine.instruction().name(),
-            self.engine.line_size(),
-            load(&stats.batches),
-            load(&stats.full_flushes),
-            load(&stats.bytes),
-            load(&stats.lines),
-            load(&stats.failures),
-            load(&stats.vcpus_running_during_flush),
-            percentiles_json(&pause),
-            percentiles_json(&flush),
-        );
-        out.push_str(",\"last_flush\":");
-        match stats.last_flush() {
-            None => out.push_str("null"),
-            Some(record) => {
-                let _ = write!(
-                    out,
-                    "{{\"full\":{},\"bytes\":{},\"plan_ns\":{},\"pause_ns\":{},\"flush_ns\":{},\"shares\":[",
-                    record.full, record.bytes, record.plan_ns, record.pause_ns, record.flush_ns
-                );
-                for (i, share) in record.shares.iter().enumerate() {
-                    let vcpu = share.vcpu.map_or("null".to_string(), |v| v.to_string());
-                    let _ = write!(
-                        out,
-                        "{}{{\"vcpu\":{vcpu},\"host_cpu\":{},\"vcpu_last_host_cpu\":{},\"lines\":{}}}",
-                        if i == 0 { "" } else { "," },
-                        share.host_cpu,
-                        share.vcpu_last_host_cpu,
-                        share.lines
-                    );
-                }
-                out.push_str("]}");
-            }
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsDocument {
+            device: DeviceMetrics {
+                counters: self.device.snapshot(),
+                rejected_by_rule: self.device.rejected_by_rule(),
+            },
+            engine: EngineMetrics {
+                instruction: self.engine.instruction().name(),
+                line_size: self.engine.line_size(),
+                batches: load(&stats.batches),
+                full_flushes: load(&stats.full_flushes),
+                bytes: load(&stats.bytes),
+                lines: load(&stats.lines),
+                failures: load(&stats.failures),
+                vcpus_running_during_flush: load(&stats.vcpus_running_during_flush),
+                pause_ns: (&pause).into(),
+                flush_ns: (&flush).into(),
+                last_flush: stats.last_flush().map(|record| LastFlush {
+                    full: record.full,
+                    bytes: record.bytes,
+                    plan_ns: record.plan_ns,
+                    pause_ns: record.pause_ns,
+                    flush_ns: record.flush_ns,
+                    shares: record
+                        .shares
+                        .iter()
+                        .map(|share| ShareMetrics {
+                            vcpu: share.vcpu,
+                            host_cpu: share.host_cpu,
+                            vcpu_last_host_cpu: share.vcpu_last_host_cpu,
+                            lines: share.lines,
+                        })
+                        .collect(),
+                }),
+            },
+            vcpus: VcpuMetrics {
+                unclaimed_accesses: load(&self.vcpus.unclaimed_accesses),
+            },
         }
-        let _ = write!(
-            out,
-            "}},\"vcpus\":{{\"unclaimed_accesses\":{}}}}}",
-            load(&self.vcpus.unclaimed_accesses)
-        );
-        out
+    }
+
+    /// The metrics as a JSON object.
+    pub fn to_json(&self) -> String {
+        // Only plain numbers, strings and maps with string keys: cannot fail.
+        serde_json::to_string(&self.document()).expect("metrics serialize to JSON")
     }
 
     /// Writes the JSON to `path`, atomically.
@@ -146,5 +255,36 @@ impl MutEventSubscriber for MetricsWriter {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.timer.wait();
         self.write_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_counters_sit_in_device_beside_their_rules() {
+        let metrics = CacheFlushMetrics::default();
+        metrics.rules[2].fetch_add(3, Ordering::Relaxed);
+        metrics.completed_ok.fetch_add(7, Ordering::Relaxed);
+        let device = DeviceMetrics {
+            counters: metrics.snapshot(),
+            rejected_by_rule: metrics.rejected_by_rule(),
+        };
+        let json: serde_json::Value = serde_json::to_value(&device).unwrap();
+        assert_eq!(json["completed_ok"], 7);
+        assert_eq!(json["rejected_busy"], 0);
+        assert_eq!(json["rejected_by_rule"]["chain-too-long"], 3);
+        assert_eq!(json["rejected_by_rule"]["no-status-byte"], 0);
+        let share = ShareMetrics {
+            vcpu: None,
+            host_cpu: 1,
+            vcpu_last_host_cpu: -1,
+            lines: 2,
+        };
+        assert_eq!(
+            serde_json::to_string(&share).unwrap(),
+            r#"{"vcpu":null,"host_cpu":1,"vcpu_last_host_cpu":-1,"lines":2}"#
+        );
     }
 }

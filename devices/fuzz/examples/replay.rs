@@ -67,7 +67,7 @@ fn main() {
         inputs += 1;
         if let Some(m) = run(&target, &data) {
             if each {
-                println!("{}\t{}", path.display(), m.to_json());
+                println!("{}\t{m:?}", path.display());
             }
             decoded += 1;
             total = add(&total, &m);

@@ -19,7 +19,9 @@
 //!   takes it: a held lock deadlocks, which libFuzzer reports as a timeout);
 //! * a reset during a flush means no guest-memory write for that batch;
 //! * after every event-loop run, every popped chain was answered exactly
-//!   once (the metrics' request counters equal their outcome counters);
+//!   once (the metrics' request counters equal their outcome counters), and
+//!   every rejection is counted under exactly one rule (`rejected_by_rule`
+//!   adds up to the rejections by status);
 //! * during an event-loop run (when the harness knows the ring layout and no
 //!   flush hook writes memory), the device writes guest memory only in the
 //!   used rings of ready queues and at the first byte of non-empty
@@ -1264,6 +1266,23 @@ impl Harness {
         );
         assert!(m.full_batches <= m.batches, "{m:?}");
         assert!(m.flush_failures <= m.batches, "{m:?}");
+        // Every rejection is counted under exactly one rule.
+        let by_rule = self.metrics.rejected_by_rule();
+        let rejected = m.rejected_invalid
+            + m.rejected_unsupported
+            + m.rejected_out_of_range
+            + m.rejected_too_large
+            + m.rejected_busy
+            + m.unanswerable;
+        assert_eq!(
+            by_rule.values().sum::<u64>(),
+            rejected,
+            "rejections by rule vs by status: {by_rule:?} {m:?}"
+        );
+        assert_eq!(
+            by_rule["rate-limited"], m.rejected_busy,
+            "{by_rule:?} {m:?}"
+        );
     }
 
     /// The transport's state machine invariants.

@@ -9,6 +9,9 @@
 //! A crash the fuzzers find gets its reproducer here too.
 
 use cache_flush_abi::cache_flush::Status;
+use std::sync::atomic::Ordering;
+
+use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -142,39 +145,57 @@ fn adjacent_regions() {
     assert_fuzz_invariants(&h);
 }
 
-/// The driver corrupts its available ring: an index more than a ring ahead,
-/// then a head outside the descriptor table. Nothing panics, nothing is
-/// flushed or written, and the queue works again once the ring is sane.
+/// The driver corrupts its available ring: a head outside the descriptor
+/// table, then an index more than a ring ahead. Nothing panics, nothing is
+/// flushed or written; the bad head is skipped and counted, the runaway
+/// index sets DEVICE_NEEDS_RESET (the device serves nothing more), and the
+/// device works again after a reset.
 #[test]
 fn hostile_available_ring() {
     let mem = test_memory();
     let mut h = TestHelper::running(&mem, 1);
     let idx_addr = GuestAddress(h.avail_addr(0).0 + 2);
     let used_idx = h.used_idx_addr(0);
-
-    mem.write_obj(QUEUE_SIZE + 1, idx_addr).unwrap();
     let before = h.snapshot();
-    h.kick(0);
-    assert_eq!(h.snapshot().since(&before), MetricsSnapshot::default());
-    assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 0);
 
     // Head 200 of a 16-entry table: popped, but no descriptor can be read
     // and no used entry can name it (used length 0 is impossible too).
-    mem.write_obj(0u16, idx_addr).unwrap();
     h.publish(0, 200);
     h.kick(0);
     assert_eq!(
         h.snapshot().since(&before),
         MetricsSnapshot {
-            requests_other: 1,
-            unanswerable: 1,
+            head_index_out_of_range: 1,
             ..Default::default()
         }
     );
     assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 0);
-
     assert_eq!(status_of(&mut h, range_request(3, &[(0x1000, 64)])), OK);
-    assert_eq!(h.flush_calls().len(), 1);
+
+    let before = h.snapshot();
+    mem.write_obj(QUEUE_SIZE * 3, idx_addr).unwrap();
+    h.kick(0);
+    assert_eq!(
+        h.snapshot().since(&before),
+        MetricsSnapshot {
+            avail_index_jumps: 1,
+            ..Default::default()
+        }
+    );
+    // Only the good request got a used entry.
+    assert_eq!(mem.read_obj::<u16>(used_idx).unwrap(), 1);
+    assert_ne!(h.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert_eq!(h.interrupt.config.load(Ordering::SeqCst), 1);
+    // Served nothing more, even with a sane index, until the reset.
+    mem.write_obj(2u16, idx_addr).unwrap();
+    let r = h.add_request(0, range_request(4, &[(0x1000, 64)]));
+    h.kick(0);
+    assert_eq!(h.used_len(&r), None);
+
+    h.activate(RANGE | FULL | V1);
+    assert_eq!(h.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert_eq!(status_of(&mut h, range_request(5, &[(0x1000, 64)])), OK);
+    assert_eq!(h.flush_calls().len(), 2);
     assert_fuzz_invariants(&h);
 }
 

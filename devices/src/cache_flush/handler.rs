@@ -21,6 +21,8 @@
 //! exit that needs the mutex (a register read, a reset) could otherwise never
 //! finish its exit, never park, and the VM would deadlock.
 
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,8 +34,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::device::{Active, Shared};
 use super::metrics::CacheFlushMetrics;
-use super::request::{ParsedChain, Request, RequestError};
+use super::request::{ChainStart, ParsedChain, Request, RequestError};
 use super::{BatchCompletion, BatchRequest, FlushBackend, FlushBatch, FlushError};
+use crate::log_throttle::LogThrottle;
 use crate::virtio::VirtioInterrupt;
 
 /// How many pop-flush-complete rounds one event may run. A guest that keeps
@@ -118,6 +121,10 @@ impl CacheFlushHandler {
     fn collect(&mut self) -> Option<Round> {
         let shared = &*self.shared;
         let metrics = &*shared.metrics;
+        if shared.needs_reset.load(Ordering::SeqCst) {
+            // Serves nothing until the driver resets the device.
+            return None;
+        }
         let mut state = shared.lock();
         let generation = state.generation;
         let Active {
@@ -142,14 +149,51 @@ impl CacheFlushHandler {
             // Queues are at most MAX_QUEUES (32): the index fits.
             let index = index as u16;
             let mut used_added = false;
+            // Checked here rather than left to virtio-queue, which logs an
+            // ERROR line per pop when the index ran away (the guest could
+            // write them at will) and would leave the queue stalled without
+            // telling the driver.
+            if avail_index_ran_away(queue, memory) {
+                CacheFlushMetrics::add(&metrics.avail_index_jumps, 1);
+                shared.log_throttle.warn("avail-index-jump", || {
+                    format!(
+                        "cache-flush: queue {index}: available index more than {} entries ahead of the device; setting DEVICE_NEEDS_RESET",
+                        queue.size()
+                    )
+                });
+                shared.needs_reset.store(true, Ordering::SeqCst);
+                interrupt.signal_config_change();
+                // Requests already taken from other queues are still
+                // flushed and answered.
+                break;
+            }
             // At most one ring's worth per round, so a guest refilling the
             // ring as fast as we pop cannot keep us here.
             for _ in 0..queue.size() {
                 let Some(chain) = queue.pop_descriptor_chain(&*memory) else {
                     break;
                 };
+                let head = chain.head_index();
+                if head >= queue.size() {
+                    // No used entry can name a descriptor the table does not
+                    // have (virtio-queue refuses it, with an ERROR line):
+                    // counted and skipped, the driver sees nothing.
+                    CacheFlushMetrics::add(&metrics.head_index_out_of_range, 1);
+                    shared.log_throttle.warn("head-index-out-of-range", || {
+                        format!(
+                            "cache-flush: queue {index}: head index {head} outside its {}-entry table; skipped",
+                            queue.size()
+                        )
+                    });
+                    continue;
+                }
                 round.popped += 1;
-                let parsed = ParsedChain::parse(chain, memory, limits);
+                let start = ChainStart {
+                    desc_table: GuestAddress(queue.desc_table()),
+                    queue_size: queue.size(),
+                    head_index: chain.head_index(),
+                };
+                let parsed = ParsedChain::parse(start, memory, limits);
                 count_type(metrics, parsed.request_type);
                 let admitted = match &parsed.request {
                     Ok(request) => admit(request, &round.batch, full_limiter, range_limiter, now)
@@ -182,7 +226,8 @@ impl CacheFlushHandler {
                         used_added = true;
                     }
                     (Err(e), _) => {
-                        log_rejection(index, &parsed, &e);
+                        metrics.count_rule(&e);
+                        log_rejection(&shared.log_throttle, index, &parsed, &e);
                         let status = e.answerable().then(|| e.status());
                         complete_one(queue, memory, index, &parsed, status, metrics);
                         used_added = true;
@@ -230,6 +275,16 @@ impl CacheFlushHandler {
     }
 }
 
+/// True when the driver's available index is more than a ring's worth
+/// ahead of the device's: the ring cannot hold that many new entries, so the
+/// index is corrupt. An unreadable index counts as corrupt too.
+fn avail_index_ran_away(queue: &Queue, memory: &GuestMemoryMmap) -> bool {
+    match queue.avail_idx(memory, Ordering::Acquire) {
+        Ok(avail) => (avail - Wrapping(queue.next_avail())).0 > queue.size(),
+        Err(_) => true,
+    }
+}
+
 /// Applies the rate limits to a valid request. A FLUSH_ALL joining a batch
 /// that already holds one costs nothing extra and is not charged.
 fn admit(
@@ -269,21 +324,25 @@ fn count_type(metrics: &CacheFlushMetrics, request_type: Option<u32>) {
 }
 
 /// The structured log line of a refused request: the rule, the status the
-/// guest gets, and where the request came from.
-fn log_rejection(queue: u16, parsed: &ParsedChain, error: &RequestError) {
-    let tag = parsed
-        .tag
-        .map_or_else(|| "none".to_string(), |tag| format!("{tag:#x}"));
-    let status = if error.answerable() {
-        format!("{:?}", error.status())
-    } else {
-        "none(used_len=0)".to_string()
-    };
-    warn!(
-        "cache-flush: request rejected: rule={} status={status} queue={queue} head={} tag={tag}: {error}",
-        error.rule(),
-        parsed.head_index,
-    );
+/// guest gets, and where the request came from. Throttled per rule: a guest
+/// decides how many bad requests it sends (every one is counted in
+/// `rejected_by_rule` all the same).
+fn log_rejection(throttle: &LogThrottle, queue: u16, parsed: &ParsedChain, error: &RequestError) {
+    throttle.warn(error.rule(), || {
+        let tag = parsed
+            .tag
+            .map_or_else(|| "none".to_string(), |tag| format!("{tag:#x}"));
+        let status = if error.answerable() {
+            format!("{:?}", error.status())
+        } else {
+            "none(used_len=0)".to_string()
+        };
+        format!(
+            "cache-flush: request rejected: rule={} status={status} queue={queue} head={} tag={tag}: {error}",
+            error.rule(),
+            parsed.head_index,
+        )
+    });
 }
 
 /// Writes `status` (if any) and the used entry of one request.
@@ -370,10 +429,10 @@ fn complete_batch(
     let active = match state.active.as_mut() {
         Some(active) if current == generation => active,
         _ => {
-            warn!(
-                "cache-flush: device reset during a flush; dropping {} completions",
-                pending.len()
-            );
+            let dropped = pending.len();
+            shared.log_throttle.warn("reset-during-flush", || {
+                format!("cache-flush: device reset during a flush; dropping {dropped} completions")
+            });
             CacheFlushMetrics::add(&metrics.dropped_after_reset, pending.len() as u64);
             return;
         }
@@ -423,13 +482,13 @@ impl MutEventSubscriber for CacheFlushHandler {
         if self.shared.lock().active.is_none() {
             self.idle_notifies += 1;
             let n = self.idle_notifies;
-            // The first few, then every 1000th: a guest cannot flood the log.
-            if n <= 10 || n % 1000 == 0 {
-                warn!(
+            CacheFlushMetrics::add(&self.shared.metrics.notifies_while_idle, 1);
+            self.shared.log_throttle.warn("notify-while-idle", || {
+                format!(
                     "cache-flush: queue {} notified while the device is not running (no DRIVER_OK yet, or reset); ignored ({n} so far)",
                     events.data()
-                );
-            }
+                )
+            });
             return;
         }
         self.serve();

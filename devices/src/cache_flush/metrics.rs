@@ -8,10 +8,13 @@
 //! `unanswerable`, `dropped_after_reset`), so the two sums agree once the
 //! device is idle.
 
-use std::fmt::Write as _;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use cache_flush_abi::cache_flush::Status;
+use serde::Serialize;
+
+use super::request::RequestError;
 
 /// Declares the counters once, for both the atomic struct and its snapshot.
 macro_rules! counters {
@@ -20,10 +23,14 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct CacheFlushMetrics {
             $($(#[doc = $doc])* pub $name: AtomicU64,)*
+            /// Rejected requests by the validation rule they broke, indexed
+            /// as [`RequestError::RULES`] (read them with
+            /// [`CacheFlushMetrics::rejected_by_rule`]).
+            pub rules: [AtomicU64; RequestError::RULES.len()],
         }
 
         /// The counters at one moment, as plain numbers.
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
         pub struct MetricsSnapshot {
             $($(#[doc = $doc])* pub $name: u64,)*
         }
@@ -40,23 +47,6 @@ macro_rules! counters {
         }
 
         impl MetricsSnapshot {
-            /// The counters as one JSON object, keys in declaration order.
-            pub fn to_json(&self) -> String {
-                let mut out = String::from("{");
-                let mut first = true;
-                $(
-                    if !first {
-                        out.push(',');
-                    }
-                    first = false;
-                    // Writing to a String cannot fail.
-                    let _ = write!(out, "\"{}\":{}", stringify!($name), self.$name);
-                )*
-                let _ = first;
-                out.push('}');
-                out
-            }
-
             /// What happened since `earlier` (per-counter difference), for
             /// delta assertions in tests and rates in exporters.
             pub fn since(&self, earlier: &MetricsSnapshot) -> MetricsSnapshot {
@@ -102,6 +92,15 @@ counters! {
     full_batches,
     /// Flushes the flush engine reported as failed.
     flush_failures,
+    /// Queue notifies that arrived while the device was not running (before
+    /// DRIVER_OK or after a reset); ignored.
+    notifies_while_idle,
+    /// Queues stopped because their available index ran more than a ring's
+    /// worth ahead of the device (the device then sets DEVICE_NEEDS_RESET).
+    avail_index_jumps,
+    /// Chains whose head index (read from the available ring) is outside
+    /// the descriptor table: no used entry can name them; skipped.
+    head_index_out_of_range,
 }
 
 impl MetricsSnapshot {
@@ -126,6 +125,21 @@ impl MetricsSnapshot {
 }
 
 impl CacheFlushMetrics {
+    /// Rejections by rule name (every rule of [`RequestError::RULES`], zeros
+    /// included, so the JSON has a stable shape).
+    pub fn rejected_by_rule(&self) -> BTreeMap<&'static str, u64> {
+        RequestError::RULES
+            .iter()
+            .zip(&self.rules)
+            .map(|(name, counter)| (*name, counter.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Counts one rejection under its rule.
+    pub(crate) fn count_rule(&self, error: &RequestError) {
+        Self::add(&self.rules[error.rule_index()], 1);
+    }
+
     /// Adds `n` to `counter`.
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
@@ -169,10 +183,10 @@ mod tests {
                 ..Default::default()
             }
         );
-        let json = delta.to_json();
+        let json = serde_json::to_string(&delta).unwrap();
         assert!(json.starts_with("{\"requests_range\":2,\"requests_full\":0,"));
         assert!(json.contains("\"bytes_requested\":4096"));
-        assert!(json.ends_with("\"flush_failures\":0}"));
+        assert!(json.ends_with("\"head_index_out_of_range\":0}"));
         assert_eq!((delta.received(), delta.answered()), (2, 2));
         // Bytes and batches are neither requests nor outcomes.
         let other = MetricsSnapshot {
@@ -182,5 +196,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!((other.received(), other.answered()), (1, 3));
+    }
+
+    #[test]
+    fn rejections_are_counted_by_rule_name() {
+        let metrics = CacheFlushMetrics::default();
+        metrics.count_rule(&RequestError::ChainTooLong);
+        metrics.count_rule(&RequestError::ChainTooLong);
+        metrics.count_rule(&RequestError::NoStatusByte);
+        let by_rule = metrics.rejected_by_rule();
+        assert_eq!(by_rule.len(), RequestError::RULES.len());
+        assert_eq!(by_rule["chain-too-long"], 2);
+        assert_eq!(by_rule["no-status-byte"], 1);
+        assert_eq!(by_rule.values().sum::<u64>(), 3);
     }
 }

@@ -7,13 +7,17 @@
 use std::time::Instant;
 
 /// A token bucket refilled at `rate` tokens per second, holding at most one
-/// second's worth.
+/// second's worth, and owing at most one second's worth: a request larger
+/// than the bucket passes when the bucket is full and leaves a debt of at
+/// most `rate` tokens, so it is followed by at most one second of BUSY for small requests
+/// (two for another oversized one), not
+/// (for a 1 GiB request under a 4 KiB/s limit) by days of it.
 #[derive(Debug)]
 pub(crate) struct TokenBucket {
     /// Tokens per second; 0 = unlimited.
     rate: u64,
-    /// Current tokens; negative while a request larger than the bucket is
-    /// being paid off.
+    /// Current tokens, in `-rate..=rate`; negative while a request larger
+    /// than the bucket is being paid off.
     tokens: f64,
     last: Instant,
 }
@@ -41,7 +45,7 @@ impl TokenBucket {
         self.tokens = (self.tokens + elapsed * capacity).min(capacity);
         let needed = (cost as f64).min(capacity);
         if self.tokens >= needed {
-            self.tokens -= cost as f64;
+            self.tokens = (self.tokens - cost as f64).max(-capacity);
             true
         } else {
             false
@@ -81,9 +85,22 @@ mod tests {
         let t0 = Instant::now();
         let mut bucket = TokenBucket::new(1000, t0);
         assert!(bucket.try_take(3000, t0));
-        // 2000 tokens of debt: two seconds to get back to zero, a third to
-        // have 1000 again.
-        assert!(!bucket.try_take(1, t0 + Duration::from_millis(1900)));
-        assert!(bucket.try_take(1000, t0 + Duration::from_millis(3000)));
+        // 1000 tokens of debt (the cap): one second to get back to zero, a
+        // second one to have 1000 again.
+        assert!(!bucket.try_take(1, t0 + Duration::from_millis(900)));
+        assert!(!bucket.try_take(1000, t0 + Duration::from_millis(1900)));
+        assert!(bucket.try_take(1000, t0 + Duration::from_millis(2000)));
+    }
+
+    #[test]
+    fn debt_is_capped_at_one_seconds_worth() {
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::new(4096, t0);
+        // 1 GiB under a 4 KiB/s limit: passes once, and the debt it leaves
+        // is 4096 tokens, not 2^30.
+        assert!(bucket.try_take(1 << 30, t0));
+        assert!(!bucket.try_take(1, t0 + Duration::from_millis(900)));
+        assert!(bucket.try_take(1, t0 + Duration::from_millis(1100)));
+        assert!(bucket.try_take(1 << 30, t0 + Duration::from_millis(3000)));
     }
 }

@@ -36,23 +36,18 @@
 //! descriptors while the device parses them cannot make two checks see two
 //! different chains.
 
-use std::ops::Deref;
-
 use cache_flush_abi::cache_flush::{RequestHeader, RequestType, Status, HEADER_SIZE, SEGMENT_SIZE};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion,
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 
 use super::GuestExtent;
 
-/// The most descriptors one request chain may have. The chain iterator of
-/// virtio-queue already stops after as many descriptors as the queue (or an
-/// indirect table) holds, so loops terminate; this bound also caps the work
-/// and memory an indirect table of up to 65535 entries could cost. A legal
-/// request needs at most one descriptor per segment plus two.
+/// The most descriptors one request chain may have. A looping chain ends
+/// after as many descriptors as its table holds (rule 4); this bound also
+/// caps the memory an indirect table of up to 65535 entries could cost. A
+/// legal request needs at most one descriptor per segment plus two.
 pub const MAX_CHAIN_DESCRIPTORS: usize = 1024;
 
 /// What the negotiated features and the configuration space allow.
@@ -79,21 +74,6 @@ pub enum Request {
 }
 
 impl Request {
-    /// Parses and validates `chain`; see the module documentation for the
-    /// rules. The same as [`ParsedChain::parse`] without the chain's framing
-    /// (head index, status byte location, tag).
-    pub fn parse<M>(
-        chain: DescriptorChain<M>,
-        memory: &GuestMemoryMmap,
-        limits: &RequestLimits,
-    ) -> Result<Request, RequestError>
-    where
-        M: Deref,
-        M::Target: GuestMemory,
-    {
-        ParsedChain::parse(chain, memory, limits).request
-    }
-
     /// Bytes covered (0 for FLUSH_ALL, which has no size of its own).
     pub fn bytes(&self) -> u64 {
         match self {
@@ -264,6 +244,39 @@ impl RequestError {
         )
     }
 
+    /// Every rule name, in the order of the validation rules (rate limit
+    /// last): the keys of the per-rule rejection counters in `--metrics`.
+    pub const RULES: [&'static str; 18] = [
+        "no-status-byte",
+        "status-outside-memory",
+        "chain-too-long",
+        "broken-chain",
+        "writable-before-readable",
+        "descriptor-outside-memory",
+        "too-short",
+        "unknown-type",
+        "feature-not-negotiated",
+        "nonzero-flags",
+        "payload-not-segments",
+        "flush-all-with-segments",
+        "too-many-segments",
+        "zero-length-segment",
+        "segment-overflow",
+        "segment-out-of-range",
+        "too-many-bytes",
+        "rate-limited",
+    ];
+
+    /// The position of [`Self::rule`] in [`Self::RULES`] (its rule number
+    /// minus one).
+    pub fn rule_index(&self) -> usize {
+        let rule = self.rule();
+        Self::RULES
+            .iter()
+            .position(|r| *r == rule)
+            .expect("every rule is listed in RULES")
+    }
+
     /// A short, stable name of the rule, for log lines and the validation
     /// table (`resources/validation-table.md`).
     pub fn rule(&self) -> &'static str {
@@ -308,39 +321,18 @@ pub struct ParsedChain {
 }
 
 impl ParsedChain {
-    /// Walks `chain` once and validates it against `memory` and `limits`.
-    pub fn parse<M>(
-        chain: DescriptorChain<M>,
-        memory: &GuestMemoryMmap,
-        limits: &RequestLimits,
-    ) -> Self
-    where
-        M: Deref,
-        M::Target: GuestMemory,
-    {
-        let head_index = chain.head_index();
-        let mut descriptors: Vec<Descriptor> = Vec::new();
-        let mut too_long = false;
-        // The iterator ends a looping chain after `queue size` descriptors
-        // (its TTL), and also ends early on an unreadable descriptor or a
-        // next index out of the table: in each case the last descriptor it
-        // yields still has NEXT set, which is how a broken chain shows.
-        for descriptor in chain {
-            if descriptors.len() == MAX_CHAIN_DESCRIPTORS {
-                too_long = true;
-                break;
-            }
-            descriptors.push(descriptor);
-        }
-
+    /// Walks the chain that starts at `start` once and validates it against
+    /// `memory` and `limits`.
+    pub fn parse(start: ChainStart, memory: &GuestMemoryMmap, limits: &RequestLimits) -> Self {
+        let walk = ChainWalk::walk(&start, memory);
         let mut parsed = ParsedChain {
-            head_index,
+            head_index: start.head_index,
             status_addr: None,
             request_type: None,
             tag: None,
             request: Err(RequestError::NoStatusByte),
         };
-        parsed.request = parsed.validate(&descriptors, too_long, memory, limits);
+        parsed.request = parsed.validate(&walk, memory, limits);
         parsed
     }
 
@@ -351,18 +343,13 @@ impl ParsedChain {
 
     fn validate(
         &mut self,
-        descriptors: &[Descriptor],
-        too_long: bool,
+        walk: &ChainWalk,
         memory: &GuestMemoryMmap,
         limits: &RequestLimits,
     ) -> Result<Request, RequestError> {
         // The status location comes first: without it nothing else can be
         // reported to the guest.
-        let status = descriptors
-            .iter()
-            .find(|d| d.is_write_only() && d.len() > 0)
-            .map(|d| d.addr())
-            .ok_or(RequestError::NoStatusByte)?;
+        let status = walk.status.ok_or(RequestError::NoStatusByte)?;
         if !memory.address_in_range(status) {
             return Err(RequestError::StatusOutsideMemory {
                 addr: status.raw_value(),
@@ -370,14 +357,15 @@ impl ParsedChain {
         }
         self.status_addr = Some(status);
 
-        if too_long {
+        if walk.too_long {
             return Err(RequestError::ChainTooLong);
         }
-        if descriptors.last().is_none_or(|d| d.has_next()) {
+        if walk.broken {
             return Err(RequestError::BrokenChain {
-                descriptors: descriptors.len(),
+                descriptors: walk.descriptors.len(),
             });
         }
+        let descriptors = &walk.descriptors[..];
         if let Some(first_writable) = descriptors.iter().position(|d| d.is_write_only()) {
             if let Some(offset) = descriptors[first_writable..]
                 .iter()
@@ -477,6 +465,119 @@ impl ParsedChain {
         Ok(Request::FlushRange(extents))
     }
 }
+
+/// Where a chain starts: the queue's descriptor table as the driver set it
+/// up, and the head index taken off its available ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainStart {
+    /// Guest-physical address of the queue's descriptor table.
+    pub desc_table: GuestAddress,
+    /// Entries in that table (the queue size).
+    pub queue_size: u16,
+    /// The chain's head descriptor index.
+    pub head_index: u16,
+}
+
+/// One walk over a chain, as the device read it.
+///
+/// The device walks chains itself rather than through virtio-queue's
+/// `DescriptorChain` iterator, because that iterator ends a chain silently
+/// where its lengths reach 2^32 bytes and after as many descriptors as we ask
+/// for, and both hide the status byte from the rules that must answer
+/// through it (a 32-byte header plus a 0xFFFFFFE0-byte status descriptor is a
+/// legal chain of exactly 2^32 bytes; a status byte in entry 1025 of an
+/// indirect table must get rule 3's INVALID, not rule 1's silence).
+#[derive(Debug, Default)]
+struct ChainWalk {
+    /// The first [`MAX_CHAIN_DESCRIPTORS`] descriptors, in chain order
+    /// (indirect descriptors replaced by their tables' entries).
+    descriptors: Vec<Descriptor>,
+    /// The first byte of the first non-empty writable descriptor.
+    status: Option<GuestAddress>,
+    /// The chain has more than [`MAX_CHAIN_DESCRIPTORS`] descriptors.
+    too_long: bool,
+    /// The chain could not be followed to a descriptor without NEXT.
+    broken: bool,
+}
+
+impl ChainWalk {
+    /// Follows the chain. Work is bounded by the tables, not by the guest's
+    /// wishes: at most `queue_size` descriptors of the queue's table plus one
+    /// indirect table of at most 65535 entries (tables do not nest), each
+    /// read once; it stops early once rule 3 is certain and the status byte
+    /// is known.
+    fn walk(start: &ChainStart, memory: &GuestMemoryMmap) -> Self {
+        let mut walk = ChainWalk::default();
+        let mut table = start.desc_table;
+        let mut table_size = start.queue_size;
+        let mut index = start.head_index;
+        // Links left to follow in the current table: a chain of N entries
+        // follows N - 1 links, so a loop ends after the table's size.
+        let mut links_left = table_size;
+        let mut in_indirect = false;
+        let mut count = 0usize;
+        loop {
+            if index >= table_size {
+                walk.broken = true;
+                break;
+            }
+            // index < table_size <= 65535: no overflow.
+            let Some(descriptor) = table
+                .checked_add(u64::from(index) * DESCRIPTOR_SIZE)
+                .and_then(|at| memory.read_obj::<Descriptor>(at).ok())
+            else {
+                walk.broken = true;
+                break;
+            };
+            if descriptor.refers_to_indirect_table() {
+                let entries = u64::from(descriptor.len()) / DESCRIPTOR_SIZE;
+                // Nested tables and tables that are not whole, empty or
+                // larger than 65535 entries are invalid (virtio §2.7.5.3).
+                if in_indirect
+                    || u64::from(descriptor.len()) % DESCRIPTOR_SIZE != 0
+                    || entries == 0
+                    || entries > u64::from(u16::MAX)
+                {
+                    walk.broken = true;
+                    break;
+                }
+                table = descriptor.addr();
+                // Checked just above.
+                table_size = entries as u16;
+                links_left = table_size;
+                index = 0;
+                in_indirect = true;
+                continue;
+            }
+            count += 1;
+            if count <= MAX_CHAIN_DESCRIPTORS {
+                walk.descriptors.push(descriptor);
+            } else {
+                walk.too_long = true;
+            }
+            if walk.status.is_none() && descriptor.is_write_only() && descriptor.len() > 0 {
+                walk.status = Some(descriptor.addr());
+            }
+            if walk.too_long && walk.status.is_some() {
+                // Rule 3 decides; nothing further can change the answer.
+                break;
+            }
+            if !descriptor.has_next() {
+                break;
+            }
+            links_left -= 1;
+            if links_left == 0 {
+                walk.broken = true;
+                break;
+            }
+            index = descriptor.next();
+        }
+        walk
+    }
+}
+
+/// Bytes of one split-ring descriptor.
+const DESCRIPTOR_SIZE: u64 = 16;
 
 /// True if `[addr, end)` (non-empty) lies inside a single memory region. A
 /// `GuestExtent` promises this to the flush engine, which then needs only one
@@ -639,6 +740,15 @@ mod tests {
                 ("rate-limited", Busy, true),
             ]
         );
+    }
+
+    #[test]
+    fn rules_are_listed_in_rule_order() {
+        let names: Vec<&str> = all_errors().iter().map(RequestError::rule).collect();
+        assert_eq!(names, RequestError::RULES);
+        for (index, error) in all_errors().iter().enumerate() {
+            assert_eq!(error.rule_index(), index);
+        }
     }
 
     #[test]

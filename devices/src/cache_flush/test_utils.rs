@@ -555,7 +555,7 @@ pub fn publish_raw(mem: &GuestMemoryMmap, avail: GuestAddress, head: u16) {
 /// Warnings logged so far, per thread: each test runs on its own thread and
 /// the handler runs on the test's thread (inside `run`), so a test sees
 /// exactly its own lines.
-static RECORDS: Mutex<Vec<(ThreadId, String)>> = Mutex::new(Vec::new());
+static RECORDS: Mutex<Vec<(ThreadId, log::Level, String)>> = Mutex::new(Vec::new());
 
 struct Capture;
 
@@ -566,10 +566,11 @@ impl log::Log for Capture {
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
             let line = record.args().to_string();
-            RECORDS
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((thread::current().id(), line));
+            RECORDS.lock().unwrap_or_else(|p| p.into_inner()).push((
+                thread::current().id(),
+                record.level(),
+                line,
+            ));
         }
     }
     fn flush(&self) {}
@@ -588,14 +589,24 @@ pub fn capture_logs() {
     });
 }
 
-/// Takes this thread's captured warning lines.
-pub fn take_logs() -> Vec<String> {
+/// Takes this thread's captured warning and error lines, with their level.
+pub fn take_leveled_logs() -> Vec<(log::Level, String)> {
     capture_logs();
     let me = thread::current().id();
     let mut all = RECORDS.lock().unwrap_or_else(|p| p.into_inner());
-    let (mine, others): (Vec<_>, Vec<_>) = all.drain(..).partition(|(id, _)| *id == me);
+    let (mine, others): (Vec<_>, Vec<_>) = all.drain(..).partition(|(id, _, _)| *id == me);
     *all = others;
-    mine.into_iter().map(|(_, line)| line).collect()
+    mine.into_iter()
+        .map(|(_, level, line)| (level, line))
+        .collect()
+}
+
+/// Takes this thread's captured warning and error lines.
+pub fn take_logs() -> Vec<String> {
+    take_leveled_logs()
+        .into_iter()
+        .map(|(_, line)| line)
+        .collect()
 }
 
 /// The `rule=` of every rejection logged by this thread since the last call.

@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use log::{error, info, warn};
+use log::{error, info};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -26,11 +26,12 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
+use crate::log_throttle::{guest_warn, LogThrottle};
 
 /// "virt" in little-endian: the MagicValue register.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -100,7 +101,8 @@ pub enum MmioError {
 #[derive(Clone, Copy, Debug, Default)]
 struct QueueRegs {
     max_size: u16,
-    size: u16,
+    /// QueueNum as the driver wrote it (validated at DRIVER_OK).
+    size: u32,
     ready: bool,
     desc: u64,
     avail: u64,
@@ -113,28 +115,57 @@ impl QueueRegs {
             max_size,
             // The spec leaves QueueNum's reset value open; starting at the
             // maximum lets a driver that never writes it still work.
-            size: max_size,
+            size: u32::from(max_size),
             ..Default::default()
         }
     }
 
-    /// The validated queue, or why it cannot be used.
+    /// The validated queue, or why it cannot be used. Everything is
+    /// checked here before virtio-queue sees it: its setters and `is_valid`
+    /// log at ERROR level on bad values, and a guest must not be able to
+    /// write ERROR lines into the host's log at will.
     fn build(&self, memory: &GuestMemoryMmap) -> Result<Queue, String> {
         let mut queue = Queue::new(self.max_size).map_err(|e| format!("max size: {e}"))?;
         if !self.ready {
             return Ok(queue);
         }
-        queue
-            .try_set_size(self.size)
-            .map_err(|e| format!("size {}: {e}", self.size))?;
-        queue
-            .try_set_desc_table_address(GuestAddress(self.desc))
-            .map_err(|e| format!("descriptor table {:#x}: {e}", self.desc))?;
+        if !queue_size_valid(self.size, self.max_size) {
+            return Err(format!(
+                "size {} is not a power of two in 1..={}",
+                self.size, self.max_size
+            ));
+        }
+        // Checked just above: size <= max_size, a u16.
+        let size = self.size as u16;
         if self.avail == 0 {
             // virtio-queue takes a driver area at 0 for "never configured"
             // and would refuse to pop from it forever: fail loudly now.
             return Err("driver area at guest address 0 is not supported".into());
         }
+        // Alignment (virtio 1.2 §2.7) and extent of the three areas.
+        let entries = u64::from(size);
+        let areas = [
+            ("descriptor table", self.desc, 16, 16 * entries),
+            ("driver area", self.avail, 2, 6 + 2 * entries),
+            ("device area", self.used, 4, 6 + 8 * entries),
+        ];
+        for (name, addr, align, len) in areas {
+            if addr % align != 0 {
+                return Err(format!("{name} {addr:#x} is not {align}-byte aligned"));
+            }
+            // len <= 6 + 8 * 32768: fits usize.
+            if !GuestMemoryBackend::check_range(memory, GuestAddress(addr), len as usize) {
+                return Err(format!(
+                    "{name} {addr:#x}+{len:#x} is not inside guest memory (queue size {size})"
+                ));
+            }
+        }
+        queue
+            .try_set_size(size)
+            .map_err(|e| format!("size {size}: {e}"))?;
+        queue
+            .try_set_desc_table_address(GuestAddress(self.desc))
+            .map_err(|e| format!("descriptor table {:#x}: {e}", self.desc))?;
         queue
             .try_set_avail_ring_address(GuestAddress(self.avail))
             .map_err(|e| format!("driver area {:#x}: {e}", self.avail))?;
@@ -142,14 +173,13 @@ impl QueueRegs {
             .try_set_used_ring_address(GuestAddress(self.used))
             .map_err(|e| format!("device area {:#x}: {e}", self.used))?;
         queue.set_ready(true);
-        if !queue.is_valid(memory) {
-            return Err(format!(
-                "rings not inside guest memory (size {}, desc {:#x}, driver {:#x}, device {:#x})",
-                self.size, self.desc, self.avail, self.used
-            ));
-        }
         Ok(queue)
     }
+}
+
+/// QueueNum must be a power of two, at most QueueNumMax (§4.2.2).
+fn queue_size_valid(size: u32, max: u16) -> bool {
+    size != 0 && size.is_power_of_two() && size <= u32::from(max)
 }
 
 /// Sets the InterruptStatus bits before passing the signal on to the VMM's
@@ -192,6 +222,9 @@ pub struct MmioTransport<D: VirtioDevice> {
     driver_features_beyond_64: bool,
     queue_sel: u32,
     queues: Vec<QueueRegs>,
+    /// Budget for the log lines the driver can trigger (every odd access
+    /// is logged, but a guest must not be able to flood the host's log).
+    log_throttle: LogThrottle,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -242,6 +275,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             driver_features_beyond_64: false,
             queue_sel: 0,
             queues,
+            log_throttle: LogThrottle::default(),
         })
     }
 
@@ -258,7 +292,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// The Status register as the driver reads it.
     pub fn status(&self) -> u32 {
         self.status
-            | if self.needs_reset {
+            | if self.needs_reset || self.device.needs_reset() {
                 VIRTIO_CONFIG_S_NEEDS_RESET
             } else {
                 0
@@ -342,11 +376,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
             | VIRTIO_MMIO_QUEUE_USED_LOW
             | VIRTIO_MMIO_QUEUE_USED_HIGH
             | VIRTIO_MMIO_SHM_SEL => {
-                warn!("virtio-mmio: read of write-only register {offset:#x} ignored");
+                guest_warn!(
+                    self.log_throttle,
+                    "virtio-mmio: read of write-only register {offset:#x} ignored"
+                );
                 0
             }
             _ => {
-                warn!("virtio-mmio: read of unknown register {offset:#x} ignored");
+                guest_warn!(
+                    self.log_throttle,
+                    "virtio-mmio: read of unknown register {offset:#x} ignored"
+                );
                 0
             }
         }
@@ -399,9 +439,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
             | VIRTIO_MMIO_SHM_LEN_HIGH
             | VIRTIO_MMIO_SHM_BASE_LOW
             | VIRTIO_MMIO_SHM_BASE_HIGH => {
-                warn!("virtio-mmio: write {value:#x} to read-only register {offset:#x} ignored");
+                guest_warn!(
+                    self.log_throttle,
+                    "virtio-mmio: write {value:#x} to read-only register {offset:#x} ignored"
+                );
             }
-            _ => warn!("virtio-mmio: write {value:#x} to unknown register {offset:#x} ignored"),
+            _ => guest_warn!(
+                self.log_throttle,
+                "virtio-mmio: write {value:#x} to unknown register {offset:#x} ignored"
+            ),
         }
     }
 
@@ -411,7 +457,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let negotiating = self.status & VIRTIO_CONFIG_S_DRIVER != 0
             && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
         if !negotiating {
-            warn!(
+            guest_warn!(
+                self.log_throttle,
                 "virtio-mmio: DriverFeatures write {value:#x} in status {:#x} ignored \
                  (only allowed after DRIVER and before FEATURES_OK)",
                 self.status()
@@ -423,7 +470,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             1 => set_high(&mut self.driver_features, value),
             page => {
                 if value != 0 {
-                    warn!(
+                    guest_warn!(
+                        self.log_throttle,
                         "virtio-mmio: driver accepts features {value:#x} in page {page}, \
                          none offered there; FEATURES_OK will be refused"
                     );
@@ -439,7 +487,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn configurable_queue(&mut self, register: &str, ready_write: bool) -> Option<&mut QueueRegs> {
         let status = self.status();
         if status & VIRTIO_CONFIG_S_DRIVER_OK != 0 || status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
-            warn!(
+            guest_warn!(
+                self.log_throttle,
                 "virtio-mmio: {register} write in status {status:#x} ignored \
                  (queues are configured after FEATURES_OK and before DRIVER_OK)"
             );
@@ -447,11 +496,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let sel = self.queue_sel;
         let Some(regs) = self.queues.get_mut(sel as usize) else {
-            warn!("virtio-mmio: {register} write for non-existent queue {sel} ignored");
+            guest_warn!(
+                self.log_throttle,
+                "virtio-mmio: {register} write for non-existent queue {sel} ignored"
+            );
             return None;
         };
         if regs.ready && !ready_write {
-            warn!("virtio-mmio: {register} write for queue {sel} ignored: queue is ready");
+            guest_warn!(
+                self.log_throttle,
+                "virtio-mmio: {register} write for queue {sel} ignored: queue is ready"
+            );
             return None;
         }
         Some(regs)
@@ -461,16 +516,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let Some(regs) = self.configurable_queue("QueueNum", false) else {
             return;
         };
-        let valid = value != 0 && value.is_power_of_two() && value <= u32::from(regs.max_size);
-        if !valid {
-            warn!(
-                "virtio-mmio: QueueNum {value} ignored: must be a power of two in 1..={}",
-                regs.max_size
+        // Kept as written and judged at DRIVER_OK (spec §5): a driver
+        // cannot read QueueNum back, so silently keeping an older size
+        // would leave it with rings of a size it never chose.
+        regs.size = value;
+        let max = regs.max_size;
+        if !queue_size_valid(value, max) {
+            guest_warn!(
+                self.log_throttle,
+                "virtio-mmio: QueueNum {value} is not a power of two in 1..={max}; \
+                 DRIVER_OK will set DEVICE_NEEDS_RESET if the queue is ready"
             );
-            return;
         }
-        // Checked above: value <= max_size, a u16.
-        regs.size = value as u16;
     }
 
     fn write_queue_ready(&mut self, value: u32) {
@@ -480,7 +537,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match value {
             0 => regs.ready = false,
             1 => regs.ready = true,
-            _ => warn!("virtio-mmio: QueueReady value {value} ignored (0 or 1)"),
+            _ => guest_warn!(
+                self.log_throttle,
+                "virtio-mmio: QueueReady value {value} ignored (0 or 1)"
+            ),
         }
     }
 
@@ -491,15 +551,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn queue_notify(&mut self, value: u32) {
-        if !self.driver_ok() || self.needs_reset {
-            warn!(
+        if !self.driver_ok() || self.needs_reset || self.device.needs_reset() {
+            guest_warn!(
+                self.log_throttle,
                 "virtio-mmio: QueueNotify {value} in status {:#x} ignored (device not running)",
                 self.status()
             );
             return;
         }
         let Some(event) = self.device.queue_events().get(value as usize) else {
-            warn!("virtio-mmio: QueueNotify for non-existent queue {value} ignored");
+            guest_warn!(
+                self.log_throttle,
+                "virtio-mmio: QueueNotify for non-existent queue {value} ignored"
+            );
             return;
         };
         if let Err(e) = event.write(1) {
@@ -518,11 +582,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let requested = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
         let unknown = requested & !(INIT_BITS | VIRTIO_CONFIG_S_FAILED);
         if unknown != 0 {
-            warn!("virtio-mmio: Status write {value:#x} with unknown bits {unknown:#x} ignored");
+            guest_warn!(
+                self.log_throttle,
+                "virtio-mmio: Status write {value:#x} with unknown bits {unknown:#x} ignored"
+            );
             return;
         }
         if self.status & !requested != 0 {
-            warn!(
+            guest_warn!(
+                self.log_throttle,
                 "virtio-mmio: Status write {value:#x} would clear bits of {:#x}; ignored \
                  (only a write of 0 resets)",
                 self.status
@@ -531,7 +599,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let added = requested & !self.status;
         if added & VIRTIO_CONFIG_S_FAILED != 0 {
-            warn!("virtio-mmio: the driver gave up on the device (FAILED)");
+            guest_warn!(
+                self.log_throttle,
+                "virtio-mmio: the driver gave up on the device (FAILED)"
+            );
             self.status |= VIRTIO_CONFIG_S_FAILED;
         }
         let added = added & INIT_BITS;
@@ -545,7 +616,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .windows(2)
             .all(|pair| target & pair[1] == 0 || target & pair[0] != 0);
         if !in_order {
-            warn!(
+            guest_warn!(
+                self.log_throttle,
                 "virtio-mmio: Status write {value:#x} out of order (current {:#x}); ignored",
                 self.status
             );
@@ -570,7 +642,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let offered = self.device.avail_features();
         let unoffered = self.driver_features & !offered;
         if unoffered != 0 || self.driver_features_beyond_64 {
-            warn!(
+            guest_warn!(self.log_throttle,
                 "virtio-mmio: FEATURES_OK refused: driver accepted {:#x}, device offers {offered:#x} \
                  (not offered: {unoffered:#x}{})",
                 self.driver_features,
@@ -579,7 +651,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return false;
         }
         if self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            warn!(
+            guest_warn!(
+                self.log_throttle,
                 "virtio-mmio: FEATURES_OK refused: driver features {:#x} lack VIRTIO_F_VERSION_1 \
                  (legacy drivers are not supported)",
                 self.driver_features
@@ -619,7 +692,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.driver_features
             ),
             Err(reason) => {
-                error!("virtio-mmio: activation failed, setting DEVICE_NEEDS_RESET: {reason}");
+                guest_warn!(
+                    self.log_throttle,
+                    "virtio-mmio: activation failed, setting DEVICE_NEEDS_RESET: {reason}"
+                );
                 self.needs_reset = true;
                 self.interrupt.signal_config_change();
             }
@@ -654,13 +730,15 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         if offset >= CONFIG_SPACE_OFFSET {
             let config_offset = offset - CONFIG_SPACE_OFFSET;
             if !config_access_ok(config_offset, data.len()) {
-                warn!(
+                guest_warn!(
+                    self.log_throttle,
                     "virtio-mmio: {}-byte config read at {offset:#x} ignored (bad width/alignment)",
                     data.len()
                 );
                 data.fill(0);
             } else if !self.device.read_config(config_offset, data) {
-                warn!(
+                guest_warn!(
+                    self.log_throttle,
                     "virtio-mmio: {}-byte config read at {offset:#x} beyond the config space",
                     data.len()
                 );
@@ -669,7 +747,8 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         let Some(register) = control_register(offset, data.len()) else {
-            warn!(
+            guest_warn!(
+                self.log_throttle,
                 "virtio-mmio: {}-byte read at {offset:#x} ignored (registers are 32-bit, aligned)",
                 data.len()
             );
@@ -682,14 +761,16 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
-            warn!(
+            guest_warn!(
+                self.log_throttle,
                 "virtio-mmio: {}-byte write to the read-only config space at {offset:#x} ignored",
                 data.len()
             );
             return;
         }
         let Some(register) = control_register(offset, data.len()) else {
-            warn!(
+            guest_warn!(
+                self.log_throttle,
                 "virtio-mmio: {}-byte write at {offset:#x} ignored (registers are 32-bit, aligned)",
                 data.len()
             );
@@ -991,11 +1072,10 @@ mod tests {
         wr(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
         assert_eq!(rd(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
         negotiate(&mut t, V1);
-        // Sizes: not a power of two, zero, above the max: ignored.
+        // Sizes are kept as written (judged at DRIVER_OK, see
+        // `invalid_queue_num_sets_needs_reset`); the last write counts.
         wr(&mut t, VIRTIO_MMIO_QUEUE_NUM, 12);
-        wr(&mut t, VIRTIO_MMIO_QUEUE_NUM, 0);
-        wr(&mut t, VIRTIO_MMIO_QUEUE_NUM, 32);
-        assert_eq!(t.queues[0].size, 16);
+        assert_eq!(t.queues[0].size, 12);
         wr(&mut t, VIRTIO_MMIO_QUEUE_NUM, 8);
         assert_eq!(t.queues[0].size, 8);
         setup_queue(&mut t, 0, 0x1000);
@@ -1044,6 +1124,36 @@ mod tests {
         assert_eq!(fds.len(), 2);
         assert_eq!(fds[1].0, 1);
         assert_eq!(QUEUE_NOTIFY_OFFSET, 0x50);
+    }
+
+    #[test]
+    fn invalid_queue_num_sets_needs_reset() {
+        for bad in [0, 12, 32] {
+            let (mut t, record) = transport(1, V1);
+            negotiate(&mut t, V1);
+            setup_queue(&mut t, 0, 0x1000);
+            // Written after a valid size: the driver's last word counts, it
+            // is not silently replaced by the earlier one.
+            wr(&mut t, VIRTIO_MMIO_QUEUE_READY, 0);
+            wr(&mut t, VIRTIO_MMIO_QUEUE_NUM, bad);
+            wr(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+            wr(&mut t, VIRTIO_MMIO_STATUS, 0b1111);
+            assert_eq!(
+                rd(&mut t, VIRTIO_MMIO_STATUS),
+                0b1111 | VIRTIO_CONFIG_S_NEEDS_RESET,
+                "QueueNum {bad}"
+            );
+            assert!(record.lock().unwrap().activations.is_empty());
+        }
+        // An invalid size on a queue the driver does not enable is harmless.
+        let (mut t, record) = transport(2, V1);
+        negotiate(&mut t, V1);
+        setup_queue(&mut t, 0, 0x1000);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NUM, 12);
+        wr(&mut t, VIRTIO_MMIO_STATUS, 0b1111);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), 0b1111);
+        assert_eq!(record.lock().unwrap().activations.len(), 1);
     }
 
     #[test]

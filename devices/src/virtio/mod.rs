@@ -91,6 +91,15 @@ pub trait VirtioDevice: Send {
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError>;
 
+    /// True when the running device hit an error it cannot recover from
+    /// without a reset (for instance a queue whose available index ran
+    /// away): the transport then shows DEVICE_NEEDS_RESET in Status and the
+    /// device serves nothing until the driver resets it. The device sends
+    /// the configuration change notification itself.
+    fn needs_reset(&self) -> bool {
+        false
+    }
+
     /// Returns the device to its initial state: queues forgotten, no further
     /// guest-memory writes for work accepted before the reset.
     fn reset(&mut self);
