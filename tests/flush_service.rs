@@ -11,7 +11,7 @@ use common::{describe, run_vmm};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::flush_engine::FlushPhase;
 use vmm::vcpu::VmOutcome;
-use vmm::vm::{Vm, VmConfig};
+use vmm::vm::{NotifyPath, Vm, VmConfig};
 
 fn scenario_passes(scenario: &str, vcpus: u32, extra: &[&str]) {
     let n = vcpus.to_string();
@@ -84,15 +84,42 @@ const REQUESTS: u64 = 1000;
 
 /// Over more than a thousand requests with busy vCPUs: no vCPU was inside
 /// KVM_RUN while any line was being flushed, and no busy vCPU's guest
-/// counter moved between "all paused" and "all flushed" of any flush.
+/// counter moved between "all paused" and "answered" of any flush; with
+/// notifies served on the requesting vCPU's thread (the default).
 #[test]
 fn no_vcpu_runs_while_lines_are_flushed() {
-    if !common::kvm_or_skip("no_vcpu_runs_while_lines_are_flushed") {
+    if common::kvm_or_skip("no_vcpu_runs_while_lines_are_flushed") {
+        pause_invariant(NotifyPath::Vcpu);
+    }
+}
+
+/// The same with notifies through an ioeventfd to the control loop.
+#[test]
+fn no_vcpu_runs_while_lines_are_flushed_through_the_ioeventfd_path() {
+    if common::kvm_or_skip("no_vcpu_runs_while_lines_are_flushed_through_the_ioeventfd_path") {
+        pause_invariant(NotifyPath::Ioeventfd);
+    }
+}
+
+/// Every scenario that flushes from several vCPUs at once passes through the
+/// ioeventfd path too.
+#[test]
+fn scenarios_pass_through_the_ioeventfd_path() {
+    if !common::kvm_or_skip("scenarios_pass_through_the_ioeventfd_path") {
         return;
     }
+    for scenario in ["range", "full", "concurrent"] {
+        for vcpus in [1, 2, 4] {
+            scenario_passes(scenario, vcpus, &["--notify", "ioeventfd"]);
+        }
+    }
+}
+
+fn pause_invariant(notify: NotifyPath) {
     let vcpus = 3;
     let config = VmConfig {
         vcpus,
+        notify,
         cmdline: format!("scenario=busy-requests requests={REQUESTS} counters={COUNTERS:#x}"),
         ..VmConfig::new(vmm::BUNDLED_GUEST_KERNEL.to_vec())
     };

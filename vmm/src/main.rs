@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use vmm::exit_code;
 use vmm::vcpu::VmOutcome;
-use vmm::vm::{Vm, VmConfig};
+use vmm::vm::{NotifyPath, Vm, VmConfig};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -59,6 +59,11 @@ struct Cli {
     #[arg(long, value_name = "BYTES",
           default_value_t = devices::cache_flush::device::DEFAULT_RANGE_BYTES_PER_SEC_LIMIT)]
     range_flush_rate: u64,
+
+    /// Where a guest's QueueNotify is served: on the notifying vCPU's own
+    /// thread (vcpu), or on the control loop through a KVM ioeventfd.
+    #[arg(long, value_enum, value_name = "PATH", default_value_t = NotifyPath::Vcpu)]
+    notify: NotifyPath,
 
     /// Keep the dirty-page audit: KVM dirty logging on guest RAM, so a host
     /// program (or --metrics) can see guest writes no flush covered. Costs a
@@ -195,6 +200,7 @@ fn run(cli: Cli) -> Result<VmOutcome, Box<dyn std::error::Error>> {
         }),
         handle_signals: true,
         serial_out: None,
+        notify: cli.notify,
         audit: cli.audit,
     };
     let vm = Vm::new(&config)?;

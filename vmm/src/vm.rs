@@ -38,10 +38,25 @@ use crate::loader::{self, LoadedKernel, LoaderError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::metrics::{MetricsConfig, MetricsSources, MetricsWriter};
 use crate::vcpu::control::{self, ControlError, VcpuControl};
-use crate::vcpu::{IoBuses, OutcomeSink, Vcpu, VcpuStats, VmOutcome};
+use crate::vcpu::{IoBuses, NotifyRoute, OutcomeSink, Vcpu, VcpuStats, VmOutcome};
 
 /// How long stopping the VM waits for vCPU threads to leave their loops.
 pub const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a guest's QueueNotify to the cache-flush device is served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NotifyPath {
+    /// On the notifying vCPU's own thread, during its MMIO exit: it is out
+    /// of guest mode already, so it pauses the others, flushes, completes
+    /// and returns to the guest with the request done (no wake-up of
+    /// another thread, no extra exit of its own).
+    #[default]
+    Vcpu,
+    /// Through a KVM ioeventfd to the control loop's thread: the notify
+    /// costs the vCPU a quarter of an exit, but the control loop then has to
+    /// wake up and pause every vCPU, the requester included.
+    Ioeventfd,
+}
 
 /// Everything that configures a VM.
 #[derive(Clone, Debug)]
@@ -68,6 +83,8 @@ pub struct VmConfig {
     /// Where the guest's UART output goes: the VMM's stdout (`None`), or
     /// appended to this buffer (the bench reads the guest's results here).
     pub serial_out: Option<Arc<Mutex<Vec<u8>>>>,
+    /// Where the guest's QueueNotify to the cache-flush device is served.
+    pub notify: NotifyPath,
     /// Keep the dirty-page audit ([`crate::audit`]): KVM dirty logging on
     /// guest RAM, costing a write-protect fault per first write per page
     /// after each flush. Off by default.
@@ -89,6 +106,7 @@ impl VmConfig {
             metrics: None,
             handle_signals: false,
             serial_out: None,
+            notify: NotifyPath::default(),
             audit: false,
         }
     }
@@ -171,6 +189,8 @@ pub struct Vm {
 /// control loop at start), its counters and the engine behind it.
 struct CacheFlushService {
     handler: Option<CacheFlushHandler>,
+    /// Set when notifies are served on the vCPU threads.
+    notify_route: Option<NotifyRoute>,
     metrics: Arc<CacheFlushMetrics>,
     engine: FlushEngine,
 }
@@ -259,7 +279,11 @@ impl Vm {
         })?;
         let stats = Arc::new(VcpuStats::default());
         let halted = Arc::new(AtomicU64::new(0));
-        let buses = IoBuses { pio, mmio };
+        let buses = IoBuses {
+            pio,
+            mmio,
+            notify: flush.notify_route.clone(),
+        };
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -553,15 +577,27 @@ fn attach_cache_flush(
     let handler = device.handler(Box::new(engine.clone()));
     let transport = MmioTransport::new(device, ram.memory.clone(), Arc::new(NoInterrupt))?;
     let base = MMIO_DEVICES_START;
-    for (queue, eventfd) in transport.queue_notify_eventfds() {
-        vm_fd
-            .register_ioevent(
-                eventfd,
-                &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-                u32::from(queue),
-            )
-            .map_err(kvm_err("KVM_IOEVENTFD"))?;
-    }
+    let notify_route = match config.notify {
+        NotifyPath::Ioeventfd => {
+            for (queue, eventfd) in transport.queue_notify_eventfds() {
+                vm_fd
+                    .register_ioevent(
+                        eventfd,
+                        &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                        u32::from(queue),
+                    )
+                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            }
+            None
+        }
+        // The write reaches the transport through the MMIO bus (which
+        // checks it and signals the queue's eventfd); the vCPU thread then
+        // serves it itself, with no lock held.
+        NotifyPath::Vcpu => Some(NotifyRoute {
+            addr: base + QUEUE_NOTIFY_OFFSET,
+            handler: handler.clone(),
+        }),
+    };
     mmio.insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
     let entry = DeviceEntry {
         kind: DeviceKind::VirtioMmio as u32,
@@ -574,6 +610,7 @@ fn attach_cache_flush(
             handler: Some(handler),
             metrics,
             engine,
+            notify_route,
         },
         entry,
     ))

@@ -240,7 +240,8 @@ impl CacheFlush {
 
     /// The queue worker to add to the VMM's event manager (create one per
     /// device). `flusher` is the flush engine; it is called on the thread
-    /// that runs the event loop, never on a vCPU thread, and never with a
+    /// that serves a notify (the event loop's, or the notifying vCPU's if
+    /// the VMM uses [`CacheFlushHandler::serve_notify`]), never with a
     /// device lock held.
     pub fn handler(&self, flusher: Box<dyn FlushBackend>) -> CacheFlushHandler {
         CacheFlushHandler::new(self.shared.clone(), flusher)

@@ -22,7 +22,7 @@
 //! finish its exit, never park, and the VM would deadlock.
 
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -47,13 +47,26 @@ pub const MAX_ROUNDS_PER_EVENT: usize = 4;
 
 /// The cache-flush device's queue worker. Add it to the VMM's event manager;
 /// it registers the queue eventfds itself in `init`.
+///
+/// Clones share one worker: a VMM that handles QueueNotify on the notifying
+/// vCPU's own thread keeps a clone there and calls
+/// [`CacheFlushHandler::serve_notify`] after the exit (with no device or bus
+/// lock held), while the event loop keeps serving ioeventfd notifies and
+/// any work a vCPU's round budget left. Every method takes `&self`: the
+/// device state has its own lock, never held across a flush, and the back
+/// end serialises its pauses.
+#[derive(Clone)]
 pub struct CacheFlushHandler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     shared: Arc<Shared>,
     flusher: Box<dyn FlushBackend>,
     /// Notifies that arrived while the device was not running (before
     /// DRIVER_OK, or after a reset): through an ioeventfd they never reach
     /// the transport, so this is where they are noticed.
-    idle_notifies: u64,
+    idle_notifies: AtomicU64,
 }
 
 /// A valid request waiting for its flush.
@@ -74,17 +87,43 @@ struct Round {
 impl CacheFlushHandler {
     pub(crate) fn new(shared: Arc<Shared>, flusher: Box<dyn FlushBackend>) -> Self {
         Self {
-            shared,
-            flusher,
-            idle_notifies: 0,
+            inner: Arc::new(Inner {
+                shared,
+                flusher,
+                idle_notifies: AtomicU64::new(0),
+            }),
         }
     }
 
     /// The device's counters.
     pub fn metrics(&self) -> Arc<CacheFlushMetrics> {
-        self.shared.metrics.clone()
+        self.inner.shared.metrics.clone()
     }
 
+    /// Serves a notify now, on the calling thread: drains the queue
+    /// eventfds, then pops, flushes and completes everything available (up
+    /// to [`MAX_ROUNDS_PER_EVENT`] batches; the rest is left signalled for
+    /// the event loop). For a VMM that handles QueueNotify on the notifying
+    /// vCPU's thread: call it after the MMIO exit is dispatched, with no
+    /// device or bus lock held, so that the requester finds its request
+    /// completed when its notify returns. `queue` is for the log only.
+    pub fn serve_notify(&self, queue: u32) {
+        self.inner.drain_notifications();
+        if self.inner.shared.lock().active.is_none() {
+            let n = self.inner.idle_notifies.fetch_add(1, Ordering::Relaxed) + 1;
+            CacheFlushMetrics::add(&self.inner.shared.metrics.notifies_while_idle, 1);
+            self.inner.shared.log_throttle.warn("notify-while-idle", || {
+                format!(
+                    "cache-flush: queue {queue} notified while the device is not running (no DRIVER_OK yet, or reset); ignored ({n} so far)"
+                )
+            });
+            return;
+        }
+        self.inner.serve();
+    }
+}
+
+impl Inner {
     /// Empties every queue eventfd. They are non-blocking: an empty one
     /// reports `WouldBlock`, which is not an error.
     fn drain_notifications(&self) {
@@ -98,7 +137,7 @@ impl CacheFlushHandler {
     }
 
     /// Serves the queues until they are empty or the round budget is spent.
-    fn serve(&mut self) {
+    fn serve(&self) {
         for _ in 0..MAX_ROUNDS_PER_EVENT {
             let Some(round) = self.collect() else {
                 return;
@@ -118,7 +157,7 @@ impl CacheFlushHandler {
 
     /// Step 2: pop and validate everything available, under the lock.
     /// `None` if the device is not running.
-    fn collect(&mut self) -> Option<Round> {
+    fn collect(&self) -> Option<Round> {
         let shared = &*self.shared;
         let metrics = &*shared.metrics;
         if shared.needs_reset.load(Ordering::SeqCst) {
@@ -243,7 +282,7 @@ impl CacheFlushHandler {
 
     /// Step 3: flush the batch (lock released) and complete it from the
     /// engine's callback.
-    fn flush_and_complete(&mut self, round: Round) {
+    fn flush_and_complete(&self, round: Round) {
         let Round {
             generation,
             batch,
@@ -478,24 +517,11 @@ impl MutEventSubscriber for CacheFlushHandler {
         if !set.contains(EventSet::IN) {
             return;
         }
-        self.drain_notifications();
-        if self.shared.lock().active.is_none() {
-            self.idle_notifies += 1;
-            let n = self.idle_notifies;
-            CacheFlushMetrics::add(&self.shared.metrics.notifies_while_idle, 1);
-            self.shared.log_throttle.warn("notify-while-idle", || {
-                format!(
-                    "cache-flush: queue {} notified while the device is not running (no DRIVER_OK yet, or reset); ignored ({n} so far)",
-                    events.data()
-                )
-            });
-            return;
-        }
-        self.serve();
+        self.serve_notify(events.data());
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for (index, event) in self.shared.queue_events.iter().enumerate() {
+        for (index, event) in self.inner.shared.queue_events.iter().enumerate() {
             // At most MAX_QUEUES queues.
             let registration = Events::with_data(event, index as u32, EventSet::IN);
             if let Err(e) = ops.add(registration) {

@@ -131,7 +131,7 @@ impl Drop for BatchCompletion {
 
 /// The boundary between the device and whatever performs its flushes (this
 /// project's `flush-engine` crate; a test double; another VMM's engine).
-pub trait FlushBackend: Send {
+pub trait FlushBackend: Send + Sync {
     /// Pauses every vCPU, writes back and invalidates every cache line of
     /// `batch` on every vCPU's physical core, answers `done` with the outcome
     /// **while every vCPU is still paused**, and only then resumes them.

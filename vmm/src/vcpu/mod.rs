@@ -97,6 +97,18 @@ pub struct IoBuses {
     pub pio: Bus,
     /// MMIO (virtio devices).
     pub mmio: Bus,
+    /// The cache-flush device's QueueNotify, when this thread serves it.
+    pub notify: Option<NotifyRoute>,
+}
+
+/// A QueueNotify address whose writes the vCPU thread serves itself, after
+/// the bus write (so with no bus or device lock held).
+#[derive(Clone)]
+pub struct NotifyRoute {
+    /// Guest-physical address of the QueueNotify register.
+    pub addr: u64,
+    /// The device's queue worker.
+    pub handler: devices::cache_flush::CacheFlushHandler,
 }
 
 /// Per-VM counters the vCPU threads keep.
@@ -238,7 +250,16 @@ impl Vcpu {
                 Err(conclusion) => self.conclude(conclusion),
             };
             match step {
-                Step::Continue { io } => pending_io = io,
+                Step::Continue { io, notify } => {
+                    pending_io = io;
+                    if let (Some(queue), Some(route)) = (notify, &self.buses.notify) {
+                        // Serve it here: this thread is out of guest mode,
+                        // the engine's pause does not wait for it, and the
+                        // guest finds its request done when the write
+                        // returns.
+                        route.handler.serve_notify(queue);
+                    }
+                }
                 Step::Stop => break,
             }
         }
@@ -265,6 +286,9 @@ impl Vcpu {
             }
             self.stats.pending_io_trips.fetch_add(1, Ordering::Relaxed);
             match dispatch(self.index, &self.buses, &self.stats, result)? {
+                // A notify seen here is served by the event loop: the bus
+                // write signalled the queue's eventfd, and this thread is
+                // about to park for someone else's pause.
                 Step::Continue { .. } => {}
                 Step::Stop => return Ok(()),
             }
@@ -352,7 +376,10 @@ fn dispatch(
     let exit = match result {
         Ok(exit) => exit,
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-            return Ok(Step::Continue { io: false })
+            return Ok(Step::Continue {
+                io: false,
+                notify: None,
+            })
         }
         Err(e) => return Err(Conclusion::Failed(format!("KVM_RUN failed: {e}"))),
     };
@@ -376,27 +403,41 @@ fn dispatch(
             if !buses.pio.write(u64::from(port), data) {
                 unclaimed("port write", u64::from(port), data.len());
             }
-            Ok(Step::Continue { io: true })
+            Ok(Step::Continue {
+                io: true,
+                notify: None,
+            })
         }
         VcpuExit::IoIn(port, data) => {
             if !buses.pio.read(u64::from(port), data) {
                 data.fill(0xff);
                 unclaimed("port read", u64::from(port), data.len());
             }
-            Ok(Step::Continue { io: true })
+            Ok(Step::Continue {
+                io: true,
+                notify: None,
+            })
         }
         VcpuExit::MmioRead(addr, data) => {
             if !buses.mmio.read(addr, data) {
                 data.fill(0xff);
                 unclaimed("MMIO read", addr, data.len());
             }
-            Ok(Step::Continue { io: true })
+            Ok(Step::Continue {
+                io: true,
+                notify: None,
+            })
         }
         VcpuExit::MmioWrite(addr, data) => {
             if !buses.mmio.write(addr, data) {
                 unclaimed("MMIO write", addr, data.len());
             }
-            Ok(Step::Continue { io: true })
+            let notify = buses
+                .notify
+                .as_ref()
+                .filter(|route| route.addr == addr && data.len() == 4)
+                .map(|_| u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
+            Ok(Step::Continue { io: true, notify })
         }
         VcpuExit::Hlt => Err(Conclusion::Halt),
         VcpuExit::Shutdown => Err(Conclusion::Shutdown),
@@ -417,8 +458,9 @@ enum Conclusion {
 }
 
 enum Step {
-    /// Keep running; `io` is true after an I/O or MMIO exit.
-    Continue { io: bool },
+    /// Keep running; `io` is true after an I/O or MMIO exit, `notify` names
+    /// the queue of a cache-flush QueueNotify this thread serves.
+    Continue { io: bool, notify: Option<u32> },
     /// Leave the loop.
     Stop,
 }
