@@ -30,7 +30,7 @@ mod test_support;
 pub use cache_ops::{CacheOps, FlushInstruction, HostRange, LineFlush};
 pub use engine::{
     current_cpu, EngineConfig, EngineError, EngineStats, FlushEngine, FlushObserver, FlushPhase,
-    FlushRecord, Percentiles, ShareRecord, LATENCY_WINDOW, PAUSE_TIMEOUT,
+    FlushRecord, Percentiles, ShareRecord, DEFAULT_INLINE_MAX_BYTES, LATENCY_WINDOW, PAUSE_TIMEOUT,
 };
 pub use flush_log::{BatchOutcome, FlushLog, FlushLogRecord};
 pub use hooks::{HookFilter, HookId, PauseHook, PausedBatch};

@@ -96,6 +96,13 @@ pub trait PausedVcpus {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 
+    /// The vCPU whose thread took this pause (a VMM that serves a notify on
+    /// the notifying vCPU's thread), if any: recorded beside the shares
+    /// that thread runs.
+    fn controller_vcpu(&self) -> Option<usize> {
+        None
+    }
+
     /// Runs `work` once for every worker `0..worker_count()`, in parallel,
     /// and returns when all are done, or with [`PauseError::WorkTimeout`]
     /// naming the late ones after `timeout`. A worker that never ran its

@@ -314,7 +314,36 @@ fn events(journal: &Journal) -> Vec<String> {
     out
 }
 
+/// Every batch split over the workers, however small.
+fn split_always() -> flush_engine::EngineConfig {
+    flush_engine::EngineConfig {
+        inline_max_bytes: 0,
+        ..Default::default()
+    }
+}
+
 // ------------------------------------------------------------------- tests --
+
+#[test]
+fn small_batches_run_on_the_controlling_thread_and_large_ones_are_split() {
+    let journal = Journal::default();
+    let mem = memory(&[(0, 8 << 20)]);
+    let vcpus = ThreadVcpus::start(3, mem.clone(), journal.clone());
+    let engine = FlushEngine::new(vcpus.clone(), Arc::new(mem.clone())).with_config(
+        flush_engine::EngineConfig {
+            inline_max_bytes: 1 << 20,
+            ..Default::default()
+        },
+    );
+    assert!(flush(&engine, range_batch(&[(0, 1 << 20)]), &journal));
+    let small = engine.stats().last_flush().unwrap();
+    assert!(flush(&engine, range_batch(&[(0, 4 << 20)]), &journal));
+    let large = engine.stats().last_flush().unwrap();
+    vcpus.shutdown();
+    assert_eq!(small.shares.len(), 1, "{small:?}");
+    assert_eq!(large.shares.len(), 3, "{large:?}");
+    assert!(small.shares[0].host_cpu >= 0);
+}
 
 #[test]
 fn the_answer_is_written_after_the_flush_and_before_the_resume() {
@@ -338,8 +367,9 @@ fn exactly_the_requested_lines_reach_the_flush_operation() {
     let mem = memory(&[(0, 4 << 20)]);
     let vcpus = ThreadVcpus::start(3, mem.clone(), journal.clone());
     let rec = recorder(&journal);
-    let engine =
-        FlushEngine::new(vcpus.clone(), Arc::new(mem.clone())).with_line_flush(rec.clone());
+    let engine = FlushEngine::new(vcpus.clone(), Arc::new(mem.clone()))
+        .with_line_flush(rec.clone())
+        .with_config(split_always());
     // Unaligned starts and ends, an overlap, a page crossing, a 1-byte one.
     let request = [
         (0x10_0003, 5000),
@@ -424,7 +454,7 @@ fn a_share_that_never_runs_is_host_error() {
     let mem = memory(&[(0, 1 << 20)]);
     let vcpus =
         ThreadVcpus::start_with(3, mem.clone(), journal.clone(), |v| v.skip_worker = Some(1));
-    let engine = FlushEngine::new(vcpus.clone(), Arc::new(mem.clone()));
+    let engine = FlushEngine::new(vcpus.clone(), Arc::new(mem.clone())).with_config(split_always());
     // Enough lines for three shares.
     assert!(!flush(&engine, range_batch(&[(0, 64 * 4096)]), &journal));
     vcpus.shutdown();

@@ -760,6 +760,10 @@ impl PausedVcpus for PauseGuard<'_> {
         self.workers().len()
     }
 
+    fn controller_vcpu(&self) -> Option<usize> {
+        self.controller_vcpu
+    }
+
     fn run_on_vcpus(&self, work: WorkFn, timeout: Duration) -> Result<(), PauseError> {
         // `finish` waits for this pause, so the parked set cannot shrink
         // between `worker_count` and here; if a thread died anyway (a panic
