@@ -47,6 +47,7 @@ scenario_tests! {
     concurrent_scenario_on_1_2_4_vcpus: "concurrent";
     unsupported_scenario_on_1_2_4_vcpus: "unsupported", "--no-full-flush";
     demo_scenario_on_1_2_4_vcpus: "demo";
+    full_flush_advice_follows_the_resident_set_on_1_2_4_vcpus: "full-advice";
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use core::hint::spin_loop;
 use core::mem::offset_of;
-use core::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use cache_flush_abi::boot::{
     BootInfo, DeviceEntry, DeviceKind, BOOT_INFO_MAGIC, BOOT_INFO_VERSION,
@@ -104,6 +104,11 @@ pub struct CacheFlushDriver<T: Translate, R: Registers = MmioRegisters> {
     num_queues: u16,
     features: Features,
     config: Config,
+    /// The device's live full-flush figures (`full_flush_cost_ns`,
+    /// `full_break_even_bytes`): the host refreshes them as the guest's
+    /// resident memory grows; re-read after every full flush, the request
+    /// that changes them.
+    full_estimate: [AtomicU64; 2],
     /// `None` when FLUSH_RANGE was not negotiated.
     limits: Option<Limits>,
     /// Where `lock_any` starts looking, so that concurrent callers spread
@@ -188,6 +193,7 @@ impl<T: Translate, R: Registers> CacheFlushDriver<T, R> {
             num_queues: 0,
             features: Features(0),
             config: Config::default(),
+            full_estimate: [AtomicU64::new(0), AtomicU64::new(0)],
             limits: None,
             hint: AtomicUsize::new(0),
             broken: AtomicBool::new(false),
@@ -237,6 +243,8 @@ impl<T: Translate, R: Registers> CacheFlushDriver<T, R> {
         self.features = Features(accepted);
 
         self.config = read_config(regs);
+        self.full_estimate[0].store(self.config.full_flush_cost_ns, Ordering::Relaxed);
+        self.full_estimate[1].store(self.config.full_break_even_bytes, Ordering::Relaxed);
         if self.features.range() {
             self.limits = Some(limits(&self.config, options.segment_capacity())?);
         }
@@ -346,11 +354,29 @@ impl<T: Translate, R: Registers> CacheFlushDriver<T, R> {
 
     /// True when the host expects one FLUSH_ALL to be cheaper than flushing
     /// `len` bytes by range: FULL is available and the device's break-even
-    /// is known and at most `len`.
+    /// is known and at most `len`. The break-even is the device's latest
+    /// (see [`Self::full_flush_estimate`]).
     pub fn full_flush_recommended(&self, len: u64) -> bool {
-        self.features.full()
-            && self.config.full_break_even_bytes != 0
-            && len >= self.config.full_break_even_bytes
+        let break_even = self.full_flush_estimate().1;
+        self.features.full() && break_even != 0 && len >= break_even
+    }
+
+    /// The device's full-flush figures as last read: (cost in ns, break-even
+    /// range bytes). Read at init and again after every full flush this
+    /// driver makes, since the host refreshes them from real full flushes.
+    pub fn full_flush_estimate(&self) -> (u64, u64) {
+        (
+            self.full_estimate[0].load(Ordering::Relaxed),
+            self.full_estimate[1].load(Ordering::Relaxed),
+        )
+    }
+
+    /// Re-reads the full-flush figures (two 64-bit fields, consistent under
+    /// ConfigGeneration).
+    fn refresh_full_estimate(&self) {
+        let config = read_config(&self.regs);
+        self.full_estimate[0].store(config.full_flush_cost_ns, Ordering::Relaxed);
+        self.full_estimate[1].store(config.full_break_even_bytes, Ordering::Relaxed);
     }
 
     /// Writes back and invalidates every cache line holding any byte of the
@@ -376,7 +402,10 @@ impl<T: Translate, R: Registers> CacheFlushDriver<T, R> {
     pub fn invalidate_all_caches(&self) -> Result<(), Error> {
         self.check_full()?;
         let queue = self.lock_any();
-        self.submit(&queue, RequestType::FlushAll, 0)
+        self.submit(&queue, RequestType::FlushAll, 0)?;
+        drop(queue);
+        self.refresh_full_estimate();
+        Ok(())
     }
 
     /// The calls of this driver, pinned to queue `vcpu % num_queues`.
@@ -645,6 +674,9 @@ impl<T: Translate, R: Registers> PinnedQueue<'_, T, R> {
     pub fn invalidate_all_caches(&self) -> Result<(), Error> {
         self.driver.check_full()?;
         let queue = self.driver.lock_queue(self.queue);
-        self.driver.submit(&queue, RequestType::FlushAll, 0)
+        self.driver.submit(&queue, RequestType::FlushAll, 0)?;
+        drop(queue);
+        self.driver.refresh_full_estimate();
+        Ok(())
     }
 }

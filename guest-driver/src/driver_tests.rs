@@ -470,6 +470,25 @@ fn full_flush_recommendation_follows_break_even() {
 }
 
 #[test]
+fn the_full_flush_advice_follows_the_devices_refreshed_figures() {
+    let (driver, handle) = start(DeviceSetup::default());
+    let even = driver.config().full_break_even_bytes;
+    assert!(driver.full_flush_recommended(even));
+    // The host's resident set grew: a full flush now costs more, so the
+    // break-even moved up; the driver sees it after its next full flush.
+    handle.set_full_estimate(9_000_000, 4 * even);
+    assert!(
+        driver.full_flush_recommended(even),
+        "not re-read before a full flush"
+    );
+    driver.invalidate_all_caches().unwrap();
+    assert_eq!(driver.full_flush_estimate(), (9_000_000, 4 * even));
+    assert!(!driver.full_flush_recommended(even));
+    assert!(driver.full_flush_recommended(4 * even));
+    finish(driver, handle);
+}
+
+#[test]
 fn status_values_map_to_errors() {
     let (driver, handle) = start(DeviceSetup::default());
     let status = Arc::new(AtomicU8::new(0));

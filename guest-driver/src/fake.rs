@@ -360,6 +360,7 @@ struct RegState {
     driver_features: u64,
     queue_sel: u32,
     queues: Vec<FakeQueue>,
+    config_generation: u32,
 }
 
 /// Decides each request's status byte; `None` drops the request and sets
@@ -413,6 +414,7 @@ impl FakeDevice {
                 driver_features: 0,
                 queue_sel: 0,
                 queues,
+                config_generation: 0,
             }),
             log: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
@@ -441,6 +443,15 @@ impl FakeDevice {
 }
 
 impl DeviceHandle {
+    /// Publishes new full-flush figures, as the host does after a full
+    /// flush, and bumps ConfigGeneration.
+    pub(crate) fn set_full_estimate(&self, cost_ns: u64, break_even: u64) {
+        let mut r = self.shared.regs.lock().unwrap();
+        r.setup.config.full_flush_cost_ns = cost_ns;
+        r.setup.config.full_break_even_bytes = break_even;
+        r.config_generation += 1;
+    }
+
     pub(crate) fn set_responder(&self, f: impl FnMut(&Received) -> Option<u8> + Send + 'static) {
         *self.shared.responder.lock().unwrap() = Box::new(f);
     }
@@ -677,7 +688,7 @@ impl Registers for FakeDevice {
             }
             reg::QUEUE_READY => r.queues.get(sel).map_or(0, |q| q.ready),
             reg::STATUS => r.status,
-            reg::CONFIG_GENERATION => 0,
+            reg::CONFIG_GENERATION => r.config_generation,
             o if (reg::CONFIG..reg::CONFIG + 56).contains(&o) => {
                 let c = r.setup.config;
                 let mut bytes = [0u8; 56];

@@ -574,6 +574,12 @@ fn attach_cache_flush(
     };
     let device = CacheFlush::new(settings)?;
     let metrics = device.metrics();
+    // The published estimate follows the resident set: every full flush
+    // refreshes it (and bumps ConfigGeneration).
+    let estimate = device.full_flush_estimate();
+    engine.set_full_flush_estimate_sink(Some(Arc::new(move |cost_ns, break_even| {
+        estimate.update(cost_ns, break_even)
+    })));
     let handler = device.handler(Box::new(engine.clone()));
     let transport = MmioTransport::new(device, ram.memory.clone(), Arc::new(NoInterrupt))?;
     let base = MMIO_DEVICES_START;

@@ -268,7 +268,12 @@ pub struct FlushEngine<P, AS: GuestAddressSpace> {
     seq: Arc<AtomicU64>,
     hooks: Arc<Mutex<Hooks<AS>>>,
     created: Instant,
+    estimate_sink: Arc<Mutex<Option<EstimateSink>>>,
 }
+
+/// Receives a fresh (full-flush cost in ns, break-even range bytes) after
+/// every successful full flush.
+pub type EstimateSink = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// The registered pause hooks.
 struct Hooks<AS: GuestAddressSpace> {
@@ -294,6 +299,7 @@ impl<P, AS: GuestAddressSpace> Clone for FlushEngine<P, AS> {
             seq: self.seq.clone(),
             hooks: self.hooks.clone(),
             created: self.created,
+            estimate_sink: self.estimate_sink.clone(),
         }
     }
 }
@@ -363,7 +369,16 @@ where
                 list: Vec::new(),
             })),
             created: Instant::now(),
+            estimate_sink: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Where fresh full-flush figures go (the device's published estimate):
+    /// after each successful full flush, its cost without the pause (the
+    /// residency scan plus the flush) and the range size that costs as much
+    /// at the bandwidth it flushed at.
+    pub fn set_full_flush_estimate_sink(&self, sink: Option<EstimateSink>) {
+        *self.estimate_sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
     }
 
     /// The flush log: one record per batch, with its sequence number.
@@ -742,6 +757,17 @@ where
                     record.pause_ns / 1000,
                     record.flush_ns / 1000
                 );
+                if record.full && record.bytes > 0 {
+                    let sink = self
+                        .estimate_sink
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    if let Some(sink) = sink {
+                        let (cost, break_even) = full_flush_estimate(&record, self.line);
+                        sink(cost, break_even);
+                    }
+                }
                 *self.stats.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
             }
             Err(e) => {
@@ -758,6 +784,15 @@ where
             }
         }
     }
+}
+
+/// A full flush's cost without the pause, and the range size that costs as
+/// much at the bandwidth the flush ran at.
+pub fn full_flush_estimate(record: &FlushRecord, line: u64) -> (u64, u64) {
+    let cost_ns = (record.plan_ns + record.flush_ns).max(1);
+    let flush_ns = record.flush_ns.max(1);
+    let break_even = (u128::from(cost_ns) * u128::from(record.bytes) / u128::from(flush_ns)) as u64;
+    (cost_ns, break_even.max(line))
 }
 
 /// Flushes one extent (inside one region) through the VMM's mapping;

@@ -29,8 +29,9 @@ mod test_support;
 
 pub use cache_ops::{CacheOps, FlushInstruction, HostRange, LineFlush};
 pub use engine::{
-    current_cpu, EngineConfig, EngineError, EngineStats, FlushEngine, FlushObserver, FlushPhase,
-    FlushRecord, Percentiles, ShareRecord, DEFAULT_INLINE_MAX_BYTES, LATENCY_WINDOW, PAUSE_TIMEOUT,
+    current_cpu, full_flush_estimate, EngineConfig, EngineError, EngineStats, EstimateSink,
+    FlushEngine, FlushObserver, FlushPhase, FlushRecord, Percentiles, ShareRecord,
+    DEFAULT_INLINE_MAX_BYTES, LATENCY_WINDOW, PAUSE_TIMEOUT,
 };
 pub use flush_log::{BatchOutcome, FlushLog, FlushLogRecord};
 pub use hooks::{HookFilter, HookId, PauseHook, PausedBatch};

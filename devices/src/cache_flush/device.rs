@@ -166,6 +166,7 @@ pub struct CacheFlush {
     avail_features: u64,
     queue_max_sizes: Vec<u16>,
     config: Config,
+    full_estimate: Arc<FullFlushEstimate>,
 }
 
 impl CacheFlush {
@@ -219,6 +220,10 @@ impl CacheFlush {
             }),
             avail_features,
             config,
+            full_estimate: Arc::new(FullFlushEstimate {
+                figures: Mutex::new((config.full_flush_cost_ns, config.full_break_even_bytes)),
+                generation: Default::default(),
+            }),
         })
     }
 
@@ -238,6 +243,11 @@ impl CacheFlush {
         self.shared.lock().active.is_some() && !self.needs_reset()
     }
 
+    /// The published full-flush estimate, for the VMM to refresh.
+    pub fn full_flush_estimate(&self) -> Arc<FullFlushEstimate> {
+        self.full_estimate.clone()
+    }
+
     /// The queue worker to add to the VMM's event manager (create one per
     /// device). `flusher` is the flush engine; it is called on the thread
     /// that serves a notify (the event loop's, or the notifying vCPU's if
@@ -250,6 +260,39 @@ impl CacheFlush {
     #[cfg(test)]
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+}
+
+/// The device's published estimate of a full flush (`full_flush_cost_ns`,
+/// `full_break_even_bytes`), which goes stale as the guest touches memory:
+/// the flush engine refreshes it from real full flushes, and every change
+/// bumps ConfigGeneration, so a driver that re-reads the configuration (the
+/// bundled driver does after each full flush) follows it.
+#[derive(Debug, Default)]
+pub struct FullFlushEstimate {
+    figures: Mutex<(u64, u64)>,
+    generation: std::sync::atomic::AtomicU32,
+}
+
+impl FullFlushEstimate {
+    /// Publishes new figures (ns, bytes); a change bumps the generation.
+    pub fn update(&self, cost_ns: u64, break_even_bytes: u64) {
+        let mut figures = self.figures.lock().unwrap_or_else(|p| p.into_inner());
+        if *figures != (cost_ns, break_even_bytes) {
+            *figures = (cost_ns, break_even_bytes);
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The current figures: (cost in ns, break-even in bytes).
+    pub fn get(&self) -> (u64, u64) {
+        *self.figures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many times the figures changed.
+    pub fn generation(&self) -> u32 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -297,8 +340,17 @@ impl VirtioDevice for CacheFlush {
         self.avail_features
     }
 
+    fn config_generation(&self) -> u32 {
+        self.full_estimate.generation()
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) -> bool {
-        let bytes = config_bytes(&self.config);
+        let (full_flush_cost_ns, full_break_even_bytes) = self.full_estimate.get();
+        let bytes = config_bytes(&Config {
+            full_flush_cost_ns,
+            full_break_even_bytes,
+            ..self.config
+        });
         let src = usize::try_from(offset)
             .ok()
             .and_then(|start| Some(start..start.checked_add(data.len())?))
@@ -410,6 +462,35 @@ mod tests {
             u64_at(core::mem::offset_of!(Config, range_bytes_per_sec_limit)),
             0x8888
         );
+    }
+
+    #[test]
+    fn a_refreshed_full_flush_estimate_is_read_back_under_a_new_generation() {
+        let device = CacheFlush::new(CacheFlushSettings {
+            full_flush_cost_ns: 10,
+            full_break_even_bytes: 20,
+            ..Default::default()
+        })
+        .unwrap();
+        let read_u64 = |offset: usize| {
+            let mut bytes = [0u8; 8];
+            assert!(device.read_config(offset as u64, &mut bytes));
+            u64::from_le_bytes(bytes)
+        };
+        let cost = core::mem::offset_of!(Config, full_flush_cost_ns);
+        let even = core::mem::offset_of!(Config, full_break_even_bytes);
+        assert_eq!((read_u64(cost), read_u64(even)), (10, 20));
+        assert_eq!(device.config_generation(), 0);
+        let estimate = device.full_flush_estimate();
+        estimate.update(10, 20);
+        assert_eq!(
+            device.config_generation(),
+            0,
+            "no change, no new generation"
+        );
+        estimate.update(3000, 9 << 20);
+        assert_eq!((read_u64(cost), read_u64(even)), (3000, 9 << 20));
+        assert_eq!(device.config_generation(), 1);
     }
 
     #[test]

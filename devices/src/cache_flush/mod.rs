@@ -31,7 +31,7 @@ mod test_utils;
 #[cfg(test)]
 mod tests;
 
-pub use device::{CacheFlush, CacheFlushSettings};
+pub use device::{CacheFlush, CacheFlushSettings, FullFlushEstimate};
 pub use handler::CacheFlushHandler;
 pub use metrics::{CacheFlushMetrics, MetricsSnapshot};
 pub use request::{Request, RequestError};

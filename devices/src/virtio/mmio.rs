@@ -356,7 +356,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
             VIRTIO_MMIO_STATUS => self.status(),
             // The configuration space never changes after construction.
-            VIRTIO_MMIO_CONFIG_GENERATION => 0,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.device.config_generation(),
             // No shared memory regions: length and base read as -1.
             VIRTIO_MMIO_SHM_LEN_LOW
             | VIRTIO_MMIO_SHM_LEN_HIGH

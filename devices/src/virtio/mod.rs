@@ -79,6 +79,12 @@ pub trait VirtioDevice: Send {
     /// leaving `data` untouched, if the range is outside the space.
     fn read_config(&self, offset: u64, data: &mut [u8]) -> bool;
 
+    /// The ConfigGeneration register: changes whenever the configuration
+    /// space does, so a driver can re-read it and detect a torn read.
+    fn config_generation(&self) -> u32 {
+        0
+    }
+
     /// Starts the device at DRIVER_OK. `queues` holds every queue in order
     /// (those the driver did not enable are not ready and must be left alone);
     /// each enabled queue has been validated against `memory`.

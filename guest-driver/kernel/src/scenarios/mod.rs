@@ -141,6 +141,7 @@ registry!(
     no_driver_ok,
     reset_outstanding,
     bad_requests,
+    full_advice,
 );
 
 /// The scenario called `name`.
