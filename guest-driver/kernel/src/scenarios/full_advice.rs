@@ -34,9 +34,9 @@ fn run(env: &Env) -> Outcome {
     if !flush.features().full() {
         return crate::fail!("full-advice: FAILED: the device does not offer FLUSH_ALL");
     }
-    let (base, _) = match crate::scratch::per_vcpu_slices(env, "full-advice", touch * MIB) {
-        Ok(slices) => slices,
-        Err(outcome) => return outcome,
+    let base = match crate::scratch::Scratch::new(env.boot_info).take(touch * MIB, PAGE) {
+        Ok(base) => base,
+        Err(e) => return crate::fail!("full-advice: {e}"),
     };
     let driver = flush.driver();
     if let Err(e) = flush.all() {
