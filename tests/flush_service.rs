@@ -228,6 +228,12 @@ fn metrics_json_counts_requests_and_rate_limited_ones() {
         Some(0),
         "{text}"
     );
+    assert_eq!(engine["failures"].as_u64(), Some(0), "{text}");
+    assert_eq!(engine["incomplete"].as_u64(), Some(0), "{text}");
+    assert_eq!(
+        engine["flush_log"]["last_seq"], engine["batches"],
+        "one flush-log record per batch: {text}"
+    );
     let pause = &engine["pause_ns"];
     assert_eq!(pause["count"], engine["batches"], "{text}");
     assert!(pause["p50"].as_u64().unwrap() <= pause["max"].as_u64().unwrap());

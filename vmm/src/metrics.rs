@@ -78,8 +78,15 @@ pub struct EngineMetrics {
     pub bytes: u64,
     /// Lines flushed.
     pub lines: u64,
-    /// Failed flushes.
+    /// Failed flushes (answered HOST_ERROR).
     pub failures: u64,
+    /// Of those, batches where not every planned line was flushed, or a vCPU
+    /// was seen in guest mode: the fail-closed checks that fired.
+    pub incomplete: u64,
+    /// Shares that panicked (each failed its batch).
+    pub share_panics: u64,
+    /// The flush log's ring.
+    pub flush_log: FlushLogMetrics,
     /// Flushes during which a vCPU was found running (must stay 0).
     pub vcpus_running_during_flush: u64,
     /// Time to pause every vCPU, ns.
@@ -88,6 +95,19 @@ pub struct EngineMetrics {
     pub flush_ns: PercentileMetrics,
     /// The last flush, `null` before the first.
     pub last_flush: Option<LastFlush>,
+}
+
+/// The flush log (one record per batch).
+#[derive(Debug, Serialize)]
+pub struct FlushLogMetrics {
+    /// Records kept now.
+    pub len: usize,
+    /// Records the ring holds at most.
+    pub capacity: usize,
+    /// Records dropped because the ring was full.
+    pub dropped: u64,
+    /// Sequence number of the newest record (0: none yet).
+    pub last_seq: u64,
 }
 
 /// A latency distribution.
@@ -152,6 +172,8 @@ pub struct ShareMetrics {
 pub struct VcpuMetrics {
     /// MMIO/PIO accesses no device claimed.
     pub unclaimed_accesses: u64,
+    /// Extra exits served while completing a pending exit before a park.
+    pub pending_io_trips: u64,
 }
 
 impl MetricsSources {
@@ -173,6 +195,17 @@ impl MetricsSources {
                 bytes: load(&stats.bytes),
                 lines: load(&stats.lines),
                 failures: load(&stats.failures),
+                incomplete: load(&stats.incomplete),
+                share_panics: load(&stats.share_panics),
+                flush_log: {
+                    let log = self.engine.flush_log();
+                    FlushLogMetrics {
+                        len: log.len(),
+                        capacity: log.capacity(),
+                        dropped: log.dropped(),
+                        last_seq: log.last_seq(),
+                    }
+                },
                 vcpus_running_during_flush: load(&stats.vcpus_running_during_flush),
                 pause_ns: (&pause).into(),
                 flush_ns: (&flush).into(),
@@ -196,6 +229,7 @@ impl MetricsSources {
             },
             vcpus: VcpuMetrics {
                 unclaimed_accesses: load(&self.vcpus.unclaimed_accesses),
+                pending_io_trips: load(&self.vcpus.pending_io_trips),
             },
         }
     }
