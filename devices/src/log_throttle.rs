@@ -75,11 +75,18 @@ impl LogThrottle {
     /// Logs `message()` at WARN under `key` if the budget allows. The
     /// message is only formatted when it is logged.
     pub fn warn(&self, key: &'static str, message: impl FnOnce() -> String) {
+        self.log(log::Level::Warn, key, message);
+    }
+
+    /// Logs `message()` at `level` under `key` if the budget allows: for
+    /// host failures a guest may be able to provoke again and again.
+    pub fn log(&self, level: log::Level, key: &'static str, message: impl FnOnce() -> String) {
         if let Verdict::Log { suppressed } = self.check(key, Instant::now()) {
             if suppressed == 0 {
-                log::warn!("{}", message());
+                log::log!(level, "{}", message());
             } else {
-                log::warn!(
+                log::log!(
+                    level,
                     "{} ({suppressed} similar lines suppressed before this one)",
                     message()
                 );

@@ -455,10 +455,12 @@ fn complete_batch(
     let status = match &result {
         Ok(()) => Status::Ok,
         Err(e) => {
-            error!(
-                "cache-flush: flush of {} requests failed, answering HOST_ERROR: {e}",
-                pending.len()
-            );
+            // A host failure, so ERROR; throttled all the same, as a guest
+            // may be able to provoke it batch after batch.
+            let requests = pending.len();
+            shared.log_throttle.log(log::Level::Error, "flush-failed", || {
+                format!("cache-flush: flush of {requests} requests failed, answering HOST_ERROR: {e}")
+            });
             CacheFlushMetrics::add(&metrics.flush_failures, 1);
             Status::HostError
         }

@@ -11,7 +11,7 @@
 //!
 //! | rule | status |
 //! |------|--------|
-//! | no writable byte for the status | none: used length 0 |
+//! | no writable byte for the status, anywhere in the chain | none: used length 0 |
 //! | the status byte is outside guest memory | none: used length 0 |
 //! | more than [`MAX_CHAIN_DESCRIPTORS`] descriptors | INVALID |
 //! | chain loops or links out of its table | INVALID |
@@ -32,9 +32,11 @@
 //! (BUSY, the rate limit, is decided later by the handler, only for requests
 //! that pass all of these.)
 //!
-//! Each descriptor is read once, into a local list, so a guest rewriting its
-//! descriptors while the device parses them cannot make two checks see two
-//! different chains.
+//! Each descriptor is read once (the first [`MAX_CHAIN_DESCRIPTORS`] into a
+//! local list), so a guest rewriting its descriptors while the device parses
+//! them cannot make two checks see two different chains. The device follows
+//! chains itself (see `ChainWalk`) rather than through virtio-queue's
+//! iterator, whose silent stops at 2^32 bytes would hide the status byte.
 
 use cache_flush_abi::cache_flush::{RequestHeader, RequestType, Status, HEADER_SIZE, SEGMENT_SIZE};
 use virtio_queue::desc::split::Descriptor;

@@ -842,7 +842,11 @@ fn run(env: &Env) -> Outcome {
     }
 
     // The driver takes the device over (a reset and a normal
-    // initialisation); good requests must work on every vCPU.
+    // initialisation); good requests must work on every vCPU. vCPU 0 resets
+    // the device inside `setup`, before its barrier: every vCPU must be done
+    // with phase C first, or a request still in flight there is never
+    // completed (seen with 8 vCPUs: "no completion before the deadline").
+    env.barrier();
     let flush = match crate::flush::setup(env) {
         Ok(flush) => flush,
         Err(outcome) => return outcome,
