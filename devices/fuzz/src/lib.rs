@@ -45,8 +45,8 @@ use arbitrary::Arbitrary;
 use cache_flush_abi::cache_flush::{Config, F_FULL, F_RANGE, F_VERSION_1, QUEUE_SIZE_MAX};
 use devices::bus::BusDevice;
 use devices::cache_flush::{
-    CacheFlush, CacheFlushMetrics, CacheFlushSettings, BatchCompletion, FlushBackend, FlushBatch, FlushError,
-    MetricsSnapshot,
+    BatchCompletion, CacheFlush, CacheFlushMetrics, CacheFlushSettings, FlushBackend, FlushBatch,
+    FlushError, MetricsSnapshot,
 };
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::{NoInterrupt, VirtioDevice};
