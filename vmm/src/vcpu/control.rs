@@ -794,6 +794,16 @@ mod tests {
     /// A stand-in vCPU thread: registers, and "runs" by returning from a
     /// pretend KVM_RUN at once, until told to finish.
     fn fake_vcpu(control: &Arc<VcpuControl>, index: usize) -> JoinHandle<()> {
+        fake_vcpu_with(control, index, |_| {})
+    }
+
+    /// [`fake_vcpu`], calling `between_runs` after each pretend KVM_RUN (as a
+    /// vCPU handling an exit would).
+    fn fake_vcpu_with(
+        control: &Arc<VcpuControl>,
+        index: usize,
+        mut between_runs: impl FnMut(&VcpuControl) + Send + 'static,
+    ) -> JoinHandle<()> {
         install_kick_handler().unwrap();
         let control = control.clone();
         std::thread::spawn(move || {
@@ -804,6 +814,7 @@ mod tests {
                 match control.before_run(index) {
                     Directive::Run => {
                         control.after_run(index);
+                        between_runs(&control);
                         std::thread::yield_now();
                     }
                     Directive::Park => {
@@ -827,52 +838,31 @@ mod tests {
         ran: Arc<Mutex<Vec<(usize, usize)>>>,
         done: std::sync::mpsc::Sender<Result<(), String>>,
     ) -> JoinHandle<()> {
-        install_kick_handler().unwrap();
-        let control = control.clone();
-        std::thread::spawn(move || {
-            let mut immediate_exit = Box::new(0u8);
-            // SAFETY: the byte lives until this thread calls `exited`.
-            unsafe { control.register(index, &mut *immediate_exit) };
-            let mut left = pauses;
-            let mut rounds = 0u64;
-            loop {
-                match control.before_run(index) {
-                    Directive::Run => {
-                        control.after_run(index);
-                        rounds += 1;
-                        if left > 0 && rounds % 50 == 0 {
-                            left -= 1;
-                            let result = control
-                                .pause_all(Duration::from_secs(10))
-                                .map_err(|e| e.to_string())
-                                .and_then(|pause| {
-                                    let ran = ran.clone();
-                                    let workers = pause.workers();
-                                    pause
-                                        .run_on_parked(
-                                            Arc::new(move |v| ran.lock().unwrap().push((index, v))),
-                                            Duration::from_secs(10),
-                                        )
-                                        .map_err(|e| e.to_string())
-                                        .map(|on| {
-                                            assert_eq!(on, workers);
-                                        })
-                                });
-                            if left == 0 || result.is_err() {
-                                let _ = done.send(result);
-                            }
-                        }
-                        std::thread::yield_now();
-                    }
-                    Directive::Park => {
-                        if control.park(index) == Directive::Finish {
-                            break;
-                        }
-                    }
-                    Directive::Finish => break,
-                }
+        let mut left = pauses;
+        let mut rounds = 0u64;
+        fake_vcpu_with(control, index, move |control| {
+            rounds += 1;
+            if left == 0 || rounds % 50 != 0 {
+                return;
             }
-            control.exited(index);
+            left -= 1;
+            let result = control
+                .pause_all(Duration::from_secs(10))
+                .map_err(|e| e.to_string())
+                .and_then(|pause| {
+                    let ran = ran.clone();
+                    let workers = pause.workers();
+                    pause
+                        .run_on_parked(
+                            Arc::new(move |v| ran.lock().unwrap().push((index, v))),
+                            Duration::from_secs(10),
+                        )
+                        .map_err(|e| e.to_string())
+                        .map(|on| assert_eq!(on, workers))
+                });
+            if left == 0 || result.is_err() {
+                let _ = done.send(result);
+            }
         })
     }
 
