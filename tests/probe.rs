@@ -29,8 +29,9 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
+use cache_flush_abi::flush_reload::Outcome;
 use common::{describe, run_vmm};
-use vmm::reload_probe::host_probe::{self, HostProbeOptions, Verdict};
+use vmm::reload_probe::host_probe::{self, HostProbeOptions};
 use vmm::vcpu::VmOutcome;
 use vmm::vm::VmConfig;
 
@@ -62,6 +63,32 @@ fn retry_inconclusive<T>(what: &str, mut case: impl FnMut() -> (T, bool)) -> T {
     }
 }
 
+/// The end-to-end negative control: with `sham=1` every "flush" the guest
+/// probe measures is a one-line flush elsewhere (the same pause, nothing of
+/// the target flushed), and the probe must say NOT evicted and fail. If the
+/// measurement stopped telling cached from flushed lines, this fails.
+#[test]
+fn probe_fails_when_the_flush_does_not_evict() {
+    if !common::kvm_or_skip("probe_fails_when_the_flush_does_not_evict") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let cmdline = format!("scenario=probe sham=1 attempts={ATTEMPTS}");
+    let out = retry_inconclusive("sham probe", || {
+        let out = run_vmm(&["--cmdline", &cmdline]);
+        let inconclusive = String::from_utf8_lossy(&out.stdout).contains("probe: INCONCLUSIVE");
+        (out, inconclusive)
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("probe: FAILED: after the range flush the sampled lines were still cached"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!stdout.contains(": evicted"), "{}", describe(&out));
+}
+
 #[test]
 fn probe_shows_the_flush_evicted_the_guests_lines() {
     if !common::kvm_or_skip("probe_shows_the_flush_evicted_the_guests_lines") {
@@ -90,7 +117,7 @@ fn probe_shows_the_flush_evicted_the_guests_lines() {
 fn host_probe_passes(vcpus: u32, full_flush: bool) -> host_probe::HostProbeReport {
     let what = format!("host-probe on {vcpus} vCPUs, FLUSH_ALL offered: {full_flush}");
     let (outcome, report, console) = retry_inconclusive(&what, || {
-        let run = host_probe_once(vcpus, full_flush);
+        let run = host_probe_once(vcpus, full_flush, false);
         let inconclusive = run.1.as_ref().is_ok_and(|r| r.inconclusive());
         (run, inconclusive)
     });
@@ -114,6 +141,7 @@ fn host_probe_passes(vcpus: u32, full_flush: bool) -> host_probe::HostProbeRepor
 fn host_probe_once(
     vcpus: u32,
     full_flush: bool,
+    sham: bool,
 ) -> (
     VmOutcome,
     Result<host_probe::HostProbeReport, host_probe::HostProbeError>,
@@ -129,6 +157,7 @@ fn host_probe_once(
     };
     let options = HostProbeOptions {
         attempts: ATTEMPTS,
+        sham,
         ..HostProbeOptions::default()
     };
     let run = host_probe::run_vm(&config, &options).expect("VM set-up and control loop");
@@ -145,8 +174,43 @@ fn host_probe_shows_guest_flushes_evict_every_host_mapping() {
     for vcpus in [1, 2, 4] {
         let report = host_probe_passes(vcpus, true);
         assert!(
-            matches!(report.full_alias, Verdict::Evicted { .. }),
+            report
+                .full_alias
+                .as_ref()
+                .is_some_and(|v| v.outcome == Outcome::Evicted),
             "{vcpus} vCPUs: FLUSH_ALL is offered, so it must be measured\n{report}"
+        );
+    }
+}
+
+/// The host side's negative control: with `sham` the host asks for a
+/// one-line flush elsewhere where it measures a flush of the target, and
+/// every measurement must come out not evicted (or partial, should the
+/// pause alone have evicted more of the target than of the comparison):
+/// never a pass.
+#[test]
+fn host_probe_fails_when_the_flush_does_not_evict() {
+    if !common::kvm_or_skip("host_probe_fails_when_the_flush_does_not_evict") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (outcome, report, console) = retry_inconclusive("sham host-probe", || {
+        let run = host_probe_once(1, true, true);
+        let inconclusive = run.1.as_ref().is_ok_and(|r| r.inconclusive());
+        (run, inconclusive)
+    });
+    let report = report.unwrap_or_else(|e| panic!("host half failed: {e}\n{outcome:?}\n{console}"));
+    println!("sham host-probe: {report}");
+    assert!(!report.passed(), "{report}");
+    for verdict in [
+        Some(&report.range_alias),
+        Some(&report.range_vmm),
+        report.full_alias.as_ref(),
+    ] {
+        let verdict = verdict.expect("FLUSH_ALL offered, so measured");
+        assert!(
+            matches!(verdict.outcome, Outcome::NotEvicted | Outcome::Partial),
+            "{report}"
         );
     }
 }
@@ -160,10 +224,7 @@ fn host_probe_without_full_flush_skips_only_that_measurement() {
     }
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let report = host_probe_passes(1, false);
-    assert!(
-        matches!(report.full_alias, Verdict::Unsupported),
-        "{report}"
-    );
+    assert!(report.full_alias.is_none(), "{report}");
 }
 
 /// `vmm host-probe`, the same from the command line: the report on stdout,
