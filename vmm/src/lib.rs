@@ -2,7 +2,6 @@
 //! cache-flush service.
 //!
 //! * [`alias`]: a second host mapping of guest RAM (hand-off tests).
-//! * [`bench`]: `vmm bench`, the benchmark of the cache-flush service.
 //! * [`memory`]: guest RAM (memfd-backed, lazily allocated) and its layout.
 //! * [`loader`]: ELF kernel validation and loading.
 //! * [`boot`]: boot information block, GDT, page tables, initial registers.
@@ -11,19 +10,18 @@
 //! * [`flush_engine`]: the pause-all flush engine behind the cache-flush
 //!   device.
 //! * [`metrics`]: `--metrics` JSON.
-//! * [`reload_probe`]: Flush+Reload from the host through its own mappings
-//!   (the host half of the `host-probe` scenario).
 //! * [`vm`]: puts it all together and runs the control loop.
+//!
+//! The benchmark and the host-side Flush+Reload probe are tools built on this
+//! library, not part of it: the `vmm-tools` crate (`tools/`).
 #![deny(missing_docs)]
 
 pub mod alias;
-pub mod bench;
 pub mod boot;
 pub mod flush_engine;
 pub mod loader;
 pub mod memory;
 pub mod metrics;
-pub mod reload_probe;
 pub mod vcpu;
 pub mod vm;
 

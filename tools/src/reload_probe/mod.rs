@@ -31,7 +31,7 @@ use std::marker::PhantomData;
 use cache_flush_abi::flush_reload::{Calibration, SlowCount};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::alias::SharedAlias;
+use vmm::alias::SharedAlias;
 
 /// The cache-line size the probe works in (x86-64).
 pub const LINE: usize = 64;
@@ -299,7 +299,7 @@ impl PinnedToCurrentCpu {
         if unsafe { libc::sched_getaffinity(0, size, &mut previous) } != 0 {
             return Err(ReloadError::Pin(errno()));
         }
-        let cpu = crate::flush_engine::current_cpu();
+        let cpu = vmm::flush_engine::current_cpu();
         // SAFETY: as above.
         let mut only: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         // SAFETY: `cpu` is a CPU number the kernel just gave, below
@@ -371,7 +371,7 @@ fn time_load(address: *const u8) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::GuestRam;
+    use vmm::memory::GuestRam;
 
     #[test]
     fn regions_must_be_whole_lines_inside_the_mapping() {

@@ -37,9 +37,9 @@ use protocol::{op, reply};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::{PinnedToCurrentCpu, Region, Reload, ReloadError, ReloadTimer};
-use crate::alias::{AliasError, SharedAlias};
-use crate::vcpu::VmOutcome;
-use crate::vm::{Vm, VmConfig, VmError};
+use vmm::alias::{AliasError, SharedAlias};
+use vmm::vcpu::VmOutcome;
+use vmm::vm::{Vm, VmConfig, VmError};
 
 /// Errors of the host half.
 #[derive(Debug, thiserror::Error)]
@@ -535,7 +535,7 @@ fn judge<E>(
 /// its `buffer=`): pins the calling thread, measures, and tells the guest to
 /// finish.
 /// Run it on a thread of its own while another runs the VM's control loop
-/// ([`crate::vm::RunningVm::wait`]), which serves the device, and sets
+/// ([`vmm::vm::RunningVm::wait`]), which serves the device, and sets
 /// `vm_ended` when that returns.
 pub fn run(
     alias: &SharedAlias,

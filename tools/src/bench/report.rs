@@ -537,7 +537,7 @@ pub fn write(
     writeln!(w, "# Cache-flush service benchmark\n")?;
     writeln!(
         w,
-        "`vmm bench{}`: {} round(s), {:.0} s, every comparison in this one run (variants interleaved per round). Medians, with p10–p90 in brackets; guest timings by `rdtsc` in guest ring 3 (TSC {:.3} GHz, measured by the host). Load average when the run started: `{}` (anything else running on the host's CPUs skews these figures). Raw figures: [report.json](report.json).\n",
+        "`vmm-tools bench{}`: {} round(s), {:.0} s, every comparison in this one run (variants interleaved per round). Medians, with p10–p90 in brackets; guest timings by `rdtsc` in guest ring 3 (TSC {:.3} GHz, measured by the host). Load average when the run started: `{}` (anything else running on the host's CPUs skews these figures). Raw figures: [report.json](report.json).\n",
         if quick { " --quick" } else { "" },
         plan.rounds,
         elapsed.as_secs_f64(),
