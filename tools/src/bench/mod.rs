@@ -12,7 +12,6 @@
 mod chart;
 pub mod guest;
 pub mod host;
-mod json;
 mod report;
 pub mod stats;
 
