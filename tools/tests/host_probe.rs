@@ -192,3 +192,23 @@ fn vmm_tools_host_probe_prints_the_report_and_exits_0() {
         assert!(stdout.contains(line), "no `{line}` in\n{}", describe(&out));
     }
 }
+
+/// `vmm-tools host-probe --sham` (no flush of the target, the same pauses)
+/// must fail with exit code 1 and never print "evicted".
+#[test]
+fn vmm_tools_host_probe_sham_fails() {
+    if !common::kvm_or_skip("vmm_tools_host_probe_sham_fails") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let attempts = ATTEMPTS.to_string();
+    let out = retry_inconclusive("vmm-tools host-probe --sham", || {
+        let out = run_tools(&["host-probe", "--sham", "--attempts", &attempts]);
+        let inconclusive = String::from_utf8_lossy(&out.stdout).contains("INCONCLUSIVE");
+        (out, inconclusive)
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("NOT evicted"), "{}", describe(&out));
+    assert!(!stdout.contains(": evicted"), "{}", describe(&out));
+}
