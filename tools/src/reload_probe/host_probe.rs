@@ -165,16 +165,17 @@ impl Verdict {
 
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(((last, _), earlier)) = self.attempts.split_last() else {
+            return f.write_str(
+                "INCONCLUSIVE: nothing measured (the calibration cannot tell a hit from a miss)",
+            );
+        };
         f.write_str(match self.outcome {
             Outcome::Evicted => "evicted",
             Outcome::Partial => "PARTIAL (some sampled lines still cached)",
             Outcome::NotEvicted => "NOT evicted",
             Outcome::Inconclusive => "INCONCLUSIVE (every comparison was evicted too)",
         })?;
-        let Some(((last, _), earlier)) = self.attempts.split_last() else {
-            return f
-                .write_str(": nothing measured (the calibration cannot tell a hit from a miss)");
-        };
         write!(
             f,
             " (attempt {}): {}",
@@ -293,12 +294,21 @@ impl fmt::Display for HostProbeReport {
             Some(v) => writeln!(f, "  full flush, seen through {}: {v}", View::Alias)?,
             None => writeln!(f, "  full flush: not offered by the device, skipped")?,
         }
+        let noop = &self.noop_exit;
         write!(
             f,
-            "  no-op exit, seen through {} (reported, not asserted): {}",
-            View::Alias,
-            self.noop_exit.describe(cal.threshold().unwrap_or(0))
-        )
+            "  no-op exit, seen through {} (reported, not asserted): ",
+            View::Alias
+        )?;
+        match cal.threshold() {
+            Some(t) => f.write_str(&noop.describe(t)),
+            None => write!(
+                f,
+                "median {} vs comparison median {}",
+                noop.measured.median(),
+                noop.comparison.median()
+            ),
+        }
     }
 }
 
