@@ -3,8 +3,8 @@
 //! the guest times, from ring 3, the first touch of one line per page of a
 //! buffer it warmed, after a range or a full flush, against a comparison
 //! that went through the same pause unflushed, and judges by
-//! `cache_flush_abi::flush_reload` (every sampled line slow; the first
-//! attempt that is not void decides). `sham=1` is the negative control: the
+//! `cache_flush_abi::flush_reload` (every sampled line slow; a partial
+//! attempt fails at once, a pass needs three evicted attempts). `sham=1` is the negative control: the
 //! same run with no flush of the target must fail. The host-side proof is
 //! `tools/tests/host_probe.rs` (`vmm-tools host-probe`).
 //!
@@ -29,8 +29,8 @@ use common::{describe, run_vmm};
 /// Cache timing needs the cores to itself: one probe at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Void attempts per measurement before a run is inconclusive: a bound on
-/// retrying noise only (the first attempt that is not void decides).
+/// Attempts per measurement before a run is inconclusive: a bound on
+/// retrying noise only (a partial or no eviction fails at once).
 const ATTEMPTS: u32 = 30;
 
 /// VM runs per case when a run ends inconclusive (every attempt void). The

@@ -55,8 +55,9 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 1,
               value_parser = clap::value_parser!(u32).range(1..=i64::from(cache_flush_abi::boot::MAX_VCPUS)))]
         vcpus: u32,
-        /// Attempts per measurement while its comparison is evicted too
-        /// (void); the first attempt that is not void decides.
+        /// Attempts per measurement at most: a partial or no eviction fails
+        /// at once, a pass needs 3 evicted attempts, void ones (the
+        /// comparison evicted too) are repeated.
         #[arg(long, value_name = "N", default_value_t = 10,
               value_parser = clap::value_parser!(u32).range(1..=1000))]
         attempts: u32,

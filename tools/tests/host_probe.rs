@@ -5,7 +5,8 @@
 //! uses, and the VMM's mapping) are evicted by the flushes the guest asks
 //! for, "every mapping of the same memory". The host times the first touch
 //! of one line per page and judges by `cache_flush_abi::flush_reload`
-//! (every sampled line slow; the first attempt that is not void decides);
+//! (every sampled line slow; a partial attempt fails at once, a pass needs
+//! three evicted attempts);
 //! the sham run, with no flush of the target, must fail.
 //!
 //! The tests take turns ([`ONE_AT_A_TIME`]): cache timing needs the cores.
@@ -26,8 +27,8 @@ use vmm_tools::reload_probe::host_probe::{self, HostProbeOptions};
 /// Cache timing needs the cores to itself: one probe at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Void attempts per measurement before a run is inconclusive: a bound on
-/// retrying noise only (the first attempt that is not void decides).
+/// Attempts per measurement before a run is inconclusive: a bound on
+/// retrying noise only (a partial or no eviction fails at once).
 const ATTEMPTS: u32 = 30;
 
 /// VM runs per case when a run ends inconclusive (every attempt void). The

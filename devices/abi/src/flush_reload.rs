@@ -40,11 +40,24 @@
 //!
 //! # A series of attempts
 //!
-//! [`Series`]: void attempts are repeated, a bounded number of times; the
-//! **first attempt that is not void decides**, so a partial eviction fails
-//! the probe instead of being retried until an attempt happens to pass. If
-//! every attempt is void the result is [`Outcome::Inconclusive`] (the host
-//! was too busy to measure), which is not a pass.
+//! [`Series`]: void attempts are repeated, a bounded number of times. An
+//! attempt that is not void and shows a partial or no eviction **decides at
+//! once**: the probe fails, and is not retried until an attempt happens to
+//! pass. A pass needs [`CONFIRMATIONS`] attempts that show every line
+//! evicted. The asymmetry follows the noise. A real flush makes every
+//! non-void attempt show 64 of 64 lines slow, so confirming costs it
+//! nothing. A flush that does nothing can pass only if noise slows every
+//! sampled line of the flushed buffer while its comparison stays cached.
+//! That was seen once (62 of 64 lines, where the comparison was a separate
+//! pause, as it must be for a full flush). Needing several such attempts in
+//! one series makes a false pass as unlikely as that event raised to that
+//! power. If the bound is reached first, the result is
+//! [`Outcome::Inconclusive`] (the host was too busy to measure), which is not
+//! a pass.
+
+/// Attempts showing every line evicted that a pass needs (see
+/// [`Series`]).
+pub const CONFIRMATIONS: u32 = 3;
 
 /// Lines of each 4 KiB page a reload times: one (see the module
 /// documentation).
@@ -151,15 +164,26 @@ impl Outcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Series {
     max_attempts: u32,
+    confirmations: u32,
     attempts: u32,
+    evicted: u32,
 }
 
 impl Series {
-    /// A series of at most `max_attempts` attempts (at least one).
+    /// A series of at most `max_attempts` attempts (at least one) in which a
+    /// pass needs [`CONFIRMATIONS`] evicted attempts.
     pub const fn new(max_attempts: u32) -> Self {
+        Self::with_confirmations(max_attempts, CONFIRMATIONS)
+    }
+
+    /// As [`Series::new`], with `confirmations` evicted attempts (at least
+    /// one) for a pass.
+    pub const fn with_confirmations(max_attempts: u32, confirmations: u32) -> Self {
         Self {
             max_attempts: if max_attempts == 0 { 1 } else { max_attempts },
+            confirmations: if confirmations == 0 { 1 } else { confirmations },
             attempts: 0,
+            evicted: 0,
         }
     }
 
@@ -168,18 +192,32 @@ impl Series {
         self.attempts
     }
 
-    /// Records the next attempt; `Some` once the series is decided: by the
-    /// first attempt that is not void, or [`Outcome::Inconclusive`] after
-    /// `max_attempts` void ones. Recording after the decision decides again
-    /// from the new attempt alone (callers stop at the first `Some`).
+    /// Evicted attempts recorded so far.
+    pub const fn evicted(&self) -> u32 {
+        self.evicted
+    }
+
+    /// Records the next attempt; `Some` once the series is decided: at the
+    /// first partial or not-evicted attempt, at the `confirmations`-th
+    /// evicted one, or [`Outcome::Inconclusive`] when `max_attempts` are
+    /// used up before either. Callers stop at the first `Some`.
     pub fn record(&mut self, attempt: Attempt) -> Option<Outcome> {
         self.attempts += 1;
         match attempt {
-            Attempt::Evicted => Some(Outcome::Evicted),
-            Attempt::Partial => Some(Outcome::Partial),
-            Attempt::NotEvicted => Some(Outcome::NotEvicted),
-            Attempt::Void if self.attempts >= self.max_attempts => Some(Outcome::Inconclusive),
-            Attempt::Void => None,
+            Attempt::Partial => return Some(Outcome::Partial),
+            Attempt::NotEvicted => return Some(Outcome::NotEvicted),
+            Attempt::Evicted => {
+                self.evicted += 1;
+                if self.evicted >= self.confirmations {
+                    return Some(Outcome::Evicted);
+                }
+            }
+            Attempt::Void => {}
+        }
+        if self.attempts >= self.max_attempts {
+            Some(Outcome::Inconclusive)
+        } else {
+            None
         }
     }
 }
@@ -193,7 +231,11 @@ mod tests {
     }
 
     fn run(max: u32, attempts: &[Attempt]) -> Option<Outcome> {
-        let mut series = Series::new(max);
+        run_confirmed(max, 1, attempts)
+    }
+
+    fn run_confirmed(max: u32, confirmations: u32, attempts: &[Attempt]) -> Option<Outcome> {
+        let mut series = Series::with_confirmations(max, confirmations);
         attempts.iter().find_map(|&a| series.record(a))
     }
 
@@ -287,9 +329,37 @@ mod tests {
         // Zero attempts still measure once.
         assert_eq!(run(0, &[Void]), Some(Outcome::Inconclusive));
         assert_eq!(run(0, &[Evicted]), Some(Outcome::Evicted));
-        let mut series = Series::new(5);
+    }
+
+    #[test]
+    fn a_pass_needs_confirming_attempts_and_a_failure_needs_none() {
+        use Attempt::*;
+        assert_eq!(CONFIRMATIONS, 3);
+        let mut series = Series::new(10);
+        assert_eq!(series.record(Evicted), None);
         assert_eq!(series.record(Void), None);
+        assert_eq!(series.record(Evicted), None);
         assert_eq!(series.record(Evicted), Some(Outcome::Evicted));
-        assert_eq!(series.attempts(), 2);
+        assert_eq!((series.attempts(), series.evicted()), (4, 3));
+        // A partial attempt after evicted ones still fails: one noisy pass
+        // does not buy the flush a partial eviction.
+        assert_eq!(
+            run_confirmed(10, 3, &[Evicted, Evicted, Partial, Evicted]),
+            Some(Outcome::Partial)
+        );
+        assert_eq!(
+            run_confirmed(10, 3, &[Evicted, NotEvicted]),
+            Some(Outcome::NotEvicted)
+        );
+        // Not enough evicted attempts within the bound: not a pass.
+        assert_eq!(
+            run_confirmed(4, 3, &[Evicted, Void, Evicted, Void, Evicted]),
+            Some(Outcome::Inconclusive)
+        );
+        assert_eq!(
+            run_confirmed(2, 0, &[Evicted]),
+            Some(Outcome::Evicted),
+            "at least one confirmation"
+        );
     }
 }

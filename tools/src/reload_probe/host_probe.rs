@@ -21,10 +21,10 @@
 //! page, a line slow at or above the threshold half-way between the cached
 //! and the self-flushed latency of this core; an attempt is evicted only
 //! when every sampled line is slow, void when more than half of the
-//! comparison's lines are slow too. Void attempts are repeated up to
-//! [`HostProbeOptions::attempts`] times; the first attempt that is not void
-//! decides, so a partial eviction fails instead of being retried until one
-//! passes.
+//! comparison's lines are slow too. Attempts are repeated up to
+//! [`HostProbeOptions::attempts`] times: a partial or no eviction decides at
+//! once (it is not retried until one passes), a pass needs
+//! [`cache_flush_abi::flush_reload::CONFIRMATIONS`] evicted attempts.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -174,7 +174,9 @@ impl fmt::Display for Verdict {
             Outcome::Evicted => "evicted",
             Outcome::Partial => "PARTIAL (some sampled lines still cached)",
             Outcome::NotEvicted => "NOT evicted",
-            Outcome::Inconclusive => "INCONCLUSIVE (every comparison was evicted too)",
+            Outcome::Inconclusive => {
+                "INCONCLUSIVE (attempts used up before enough evicted ones; the rest void)"
+            }
         })?;
         write!(
             f,
@@ -183,13 +185,24 @@ impl fmt::Display for Verdict {
             last.describe(self.threshold)
         )?;
         if !earlier.is_empty() {
-            write!(f, "; earlier, void:")?;
-            for (m, _) in earlier {
+            write!(f, "; earlier:")?;
+            for (m, attempt) in earlier {
                 let (a, b) = (
                     m.measured.slow(self.threshold),
                     m.comparison.slow(self.threshold),
                 );
-                write!(f, " {}/{} vs {}/{}", a.slow, a.lines, b.slow, b.lines)?;
+                let kind = match attempt {
+                    Attempt::Evicted => "evicted",
+                    Attempt::Void => "void",
+                    // Never earlier: they decide at once.
+                    Attempt::Partial => "partial",
+                    Attempt::NotEvicted => "not evicted",
+                };
+                write!(
+                    f,
+                    " {}/{} vs {}/{} {kind},",
+                    a.slow, a.lines, b.slow, b.lines
+                )?;
             }
         }
         Ok(())
@@ -507,8 +520,8 @@ impl<'a> HostProbe<'a> {
 
 /// The verdict over a series of at most `attempts` measurements taken by
 /// `measure` (`None`: the request is not offered), judged at `threshold`
-/// by [`cache_flush_abi::flush_reload`]: the first attempt that is not void
-/// decides. Without a threshold (the calibration failed) nothing is
+/// by [`cache_flush_abi::flush_reload`]'s [`Series`]: a partial or no
+/// eviction decides at once, a pass needs its confirmations. Without a threshold (the calibration failed) nothing is
 /// measured and the verdict is inconclusive.
 fn judge<E>(
     attempts: u32,
@@ -676,23 +689,39 @@ mod tests {
         assert_eq!(v.outcome, Outcome::Partial);
         assert_eq!(v.attempts.len(), 2);
         assert!(!v.passed());
-        // One line still cached is a partial eviction.
+        // One line still cached is a partial eviction, even after evicted
+        // attempts.
         assert_eq!(outcome(10, &[(63, 0)]), Outcome::Partial);
+        assert_eq!(
+            outcome(10, &[(64, 0), (64, 0), (63, 0), (64, 0)]),
+            Outcome::Partial
+        );
     }
 
     #[test]
-    fn void_attempts_are_repeated_and_kept() {
-        let v = judged(5, &[(64, 64), (64, 40), (64, 2)]).unwrap();
+    fn a_pass_is_confirmed_and_void_attempts_are_kept() {
+        let v = judged(10, &[(64, 64), (64, 0), (64, 40), (64, 2), (64, 1)]).unwrap();
         assert_eq!(v.outcome, Outcome::Evicted);
         assert_eq!(
             v.attempts.iter().map(|(_, a)| *a).collect::<Vec<_>>(),
-            [Attempt::Void, Attempt::Void, Attempt::Evicted]
+            [
+                Attempt::Void,
+                Attempt::Evicted,
+                Attempt::Void,
+                Attempt::Evicted,
+                Attempt::Evicted
+            ]
         );
         assert!(v.passed());
         assert!(
             v.to_string()
-                .contains("earlier, void: 64/64 vs 64/64 64/64 vs 40/64"),
+                .contains("earlier: 64/64 vs 64/64 void, 64/64 vs 0/64 evicted,"),
             "{v}"
+        );
+        // Two evicted attempts are not enough within the bound.
+        assert_eq!(
+            outcome(3, &[(64, 0), (64, 64), (64, 0)]),
+            Outcome::Inconclusive
         );
     }
 
@@ -717,7 +746,7 @@ mod tests {
                 cached: 60,
                 flushed: 320,
             },
-            range_alias: judged(1, &[(64, 0)]).unwrap(),
+            range_alias: judged(3, &[(64, 0); 3]).unwrap(),
             range_vmm,
             full_alias,
             noop_exit: m(0, 0),
@@ -726,7 +755,7 @@ mod tests {
         assert!(r.inconclusive() && !r.passed());
         let r = report(judged(2, &[(0, 0)]).unwrap(), None);
         assert!(!r.inconclusive() && !r.passed());
-        let r = report(judged(2, &[(64, 0)]).unwrap(), None);
+        let r = report(judged(3, &[(64, 0); 3]).unwrap(), None);
         assert!(!r.inconclusive() && r.passed());
         let r = report(judged(2, &[(64, 64); 2]).unwrap(), judged(1, &[(50, 0)]));
         assert!(!r.inconclusive() && !r.passed());

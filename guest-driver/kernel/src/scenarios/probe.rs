@@ -28,11 +28,13 @@
 //!   assigned), against the target after a no-op exit (a device register
 //!   read).
 //!
-//! Void attempts are repeated, up to `attempts=N` (default 10); the first
-//! attempt that is not void decides, so a partial eviction fails the
-//! scenario instead of being retried until one passes. Every attempt prints
-//! how many sampled lines were slow. Only a run whose every attempt was void
-//! ends INCONCLUSIVE ([`status::INCONCLUSIVE`]), as does one where the
+//! Attempts are repeated, up to `attempts=N` (default 10): the first partial
+//! or not-evicted attempt fails the scenario at once (it is not retried
+//! until one passes), and a pass needs `CONFIRMATIONS` (3) evicted
+//! attempts, so noise that happens to slow every sampled line once cannot
+//! pass a flush that does nothing. Every attempt prints how many sampled
+//! lines were slow. A run that uses up its attempts before either ends
+//! INCONCLUSIVE ([`status::INCONCLUSIVE`]), as does one where the
 //! calibration cannot tell a hit from a miss; neither passes.
 //!
 //! `sham=1` is the end-to-end negative control: every "flush" the probe
@@ -52,7 +54,7 @@ use core::cell::UnsafeCell;
 
 use cache_flush_abi::boot::PAGE_SIZE;
 use cache_flush_abi::flush_reload::{
-    judge_attempt, Attempt, Calibration, Outcome as Decided, Series, SlowCount,
+    judge_attempt, Attempt, Calibration, Outcome as Decided, Series, SlowCount, CONFIRMATIONS,
 };
 
 use super::{Env, Outcome, Scenario};
@@ -206,7 +208,7 @@ impl Probe<'_> {
             let comparison = self.slow(Set::Comparison, threshold);
             let judged = judge_attempt(measured, comparison);
             crate::println!(
-                "probe: {what}, attempt {}: {}/{PAGES} lines slow (median {}); {against}: {}/{PAGES} slow (median {}): {}",
+                "probe: {what}, attempt {}: {}/{PAGES} lines slow (median {}); {against}: {}/{PAGES} slow (median {}): {}{}",
                 series.attempts() + 1,
                 measured.slow,
                 self.median(Set::Measured),
@@ -217,11 +219,30 @@ impl Probe<'_> {
                     Attempt::Partial => "PARTIAL: some lines still cached",
                     Attempt::NotEvicted => "NOT evicted",
                     Attempt::Void => "void: the comparison was evicted too (the pause moved this vCPU's lines away; more vCPUs than host cores?)",
+                },
+                if judged == Attempt::Evicted {
+                    // Counted before this attempt is recorded.
+                    Confirmed(series.evicted() + 1)
+                } else {
+                    Confirmed(0)
                 }
             );
             if let Some(decided) = series.record(judged) {
                 return Ok(decided);
             }
+        }
+    }
+}
+
+/// " (n of CONFIRMATIONS)" after an evicted attempt, nothing otherwise.
+struct Confirmed(u32);
+
+impl core::fmt::Display for Confirmed {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0 == 0 {
+            Ok(())
+        } else {
+            write!(f, " ({} of {CONFIRMATIONS} needed)", self.0)
         }
     }
 }
@@ -346,7 +367,7 @@ fn run(env: &Env) -> Outcome {
         }
     }
     if let Some((what, _)) = decided.iter().find(|(_, d)| *d == Some(Decided::Inconclusive)) {
-        crate::println!("probe: INCONCLUSIVE: in all {attempts} attempts of the {what} flush the pause alone evicted the comparison too; run with fewer vCPUs than host cores");
+        crate::println!("probe: INCONCLUSIVE: {attempts} attempts of the {what} flush gave fewer than {CONFIRMATIONS} evicted ones, the rest void (the pause alone evicted the comparison too); run with fewer vCPUs than host cores or on a quieter host");
         return Outcome::Exit(status::INCONCLUSIVE);
     }
     crate::println!(
