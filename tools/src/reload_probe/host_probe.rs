@@ -11,8 +11,9 @@
 //!   target buffer against the control buffer, which was warmed alike and
 //!   paused alike but not flushed;
 //! * full flush (when offered), through the alias: it evicts the control
-//!   buffer too, so the comparison is the target after a request that
-//!   pauses the guest the same way but flushes one line elsewhere;
+//!   buffer too, so the comparison is a buffer of the host's own memory
+//!   (not guest memory: no flush of the guest touches it), warmed alike
+//!   and timed after the same pause;
 //! * a no-op exit (a device register read), reported only: an exit alone
 //!   leaves the lines cached.
 //!
@@ -34,6 +35,7 @@ use std::time::{Duration, Instant};
 use cache_flush_abi::flush_reload::{judge_attempt, Attempt, Calibration, Outcome, Series};
 pub use cache_flush_abi::host_probe as protocol;
 use protocol::{op, reply};
+use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::{PinnedToCurrentCpu, Region, Reload, ReloadError, ReloadTimer};
@@ -68,6 +70,9 @@ pub enum HostProbeError {
         /// Operation.
         op: u8,
     },
+    /// The host-private comparison buffer could not be mapped.
+    #[error("cannot map the private comparison buffer")]
+    PrivateBuffer(#[source] vm_memory::mmap::MmapRegionError),
     /// The host half's thread panicked.
     #[error("the host half panicked")]
     Panicked,
@@ -334,6 +339,9 @@ pub struct HostProbe<'a> {
     answer_timeout: Duration,
     seq: u64,
     timer: ReloadTimer,
+    /// The full flush's comparison: host memory, not guest memory (shared,
+    /// so a measurement can hold it while it sends commands).
+    private: Arc<MmapRegion>,
     /// See [`HostProbeOptions::sham`].
     pub sham: bool,
 }
@@ -348,8 +356,12 @@ impl<'a> HostProbe<'a> {
         memory: &'a GuestMemoryMmap,
         vm_ended: &'a AtomicBool,
         answer_timeout: Duration,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, HostProbeError> {
+        let private = Arc::new(
+            MmapRegion::new(protocol::BUFFER_BYTES as usize)
+                .map_err(HostProbeError::PrivateBuffer)?,
+        );
+        Ok(Self {
             alias,
             memory,
             region: alias.guest_addr(),
@@ -357,8 +369,9 @@ impl<'a> HostProbe<'a> {
             answer_timeout,
             seq: 0,
             timer: ReloadTimer::new(),
+            private,
             sham: false,
-        }
+        })
     }
 
     fn buffer(&self, view: View, offset: u64) -> Result<Region<'a>, ReloadError> {
@@ -457,10 +470,14 @@ impl<'a> HostProbe<'a> {
         })
     }
 
-    /// Full flush, timed through `view` on the target, against the target
-    /// after a one-line flush elsewhere; `None` when not offered.
+    /// Full flush, timed through `view` on the target, against a buffer of
+    /// the host's own memory through the same pause; `None` when not
+    /// offered.
     pub fn full_flush(&mut self, view: View) -> Result<Option<Measurement>, HostProbeError> {
         let target = self.buffer(view, protocol::TARGET)?;
+        let private_map = Arc::clone(&self.private);
+        let private = Region::in_private(&private_map)?;
+        self.timer.warm(&private);
         self.timer.warm(&target);
         match self.command(if self.sham {
             op::FLUSH_ELSEWHERE
@@ -478,9 +495,7 @@ impl<'a> HostProbe<'a> {
             }
         }
         let measured = self.timer.time(&target);
-        self.timer.warm(&target);
-        self.request(op::FLUSH_ELSEWHERE)?;
-        let comparison = self.timer.time(&target);
+        let comparison = self.timer.time(&private);
         Ok(Some(Measurement {
             measured,
             comparison,
@@ -567,7 +582,7 @@ pub fn run(
     options: &HostProbeOptions,
 ) -> Result<HostProbeReport, HostProbeError> {
     let pinned = PinnedToCurrentCpu::new()?;
-    let mut probe = HostProbe::new(alias, memory, vm_ended, options.answer_timeout);
+    let mut probe = HostProbe::new(alias, memory, vm_ended, options.answer_timeout)?;
     probe.sham = options.sham;
     let calibration = probe.calibrate()?;
     let threshold = calibration.threshold();

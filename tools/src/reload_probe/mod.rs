@@ -29,6 +29,7 @@ pub mod host_probe;
 use std::marker::PhantomData;
 
 use cache_flush_abi::flush_reload::{Calibration, SlowCount};
+use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use vmm::alias::SharedAlias;
@@ -108,6 +109,25 @@ impl<'a> Region<'a> {
         }
         let slice = memory.get_slice(gpa, len).map_err(|_| bad())?;
         let ptr = slice.ptr_guard_mut().as_ptr();
+        Ok(Self {
+            ptr,
+            len,
+            _mapping: PhantomData,
+        })
+    }
+
+    /// The whole of `mapping`, a buffer of the host's own (for a
+    /// comparison that no flush of guest memory can touch).
+    pub fn in_private(mapping: &'a MmapRegion) -> Result<Self, ReloadError> {
+        let len = mapping.size();
+        let ptr = mapping.as_ptr();
+        if len == 0 || len % PAGE != 0 || ptr as usize % PAGE != 0 {
+            return Err(ReloadError::BadRange {
+                what: "private buffer",
+                offset: 0,
+                len,
+            });
+        }
         Ok(Self {
             ptr,
             len,
