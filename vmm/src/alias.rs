@@ -6,15 +6,15 @@
 //! mapped again, `MAP_SHARED`, at a different host address. Both mappings
 //! reach the same physical pages; nothing is copied.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use vm_memory::GuestAddress;
+use vm_memory::mmap::{MmapRegion, MmapRegionError};
+use vm_memory::{FileOffset, GuestAddress, VolatileMemory};
 
 use crate::memory::GuestRam;
 
 /// Errors of alias creation and access.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum AliasError {
     /// The range is empty, overflows, or is not inside one RAM region.
     #[error("guest range {addr:#x}+{len:#x} is not inside one RAM region")]
@@ -42,70 +42,61 @@ pub enum AliasError {
         /// Required alignment.
         align: usize,
     },
-    /// `mmap` failed.
-    #[error("mmap of the guest memory file failed: errno {0}")]
-    Map(i32),
+    /// The memory file's descriptor could not be duplicated for the mapping.
+    #[error("cannot duplicate the guest memory file's descriptor")]
+    DupFile(#[source] std::io::Error),
+    /// `mmap` of the memory file failed.
+    #[error("mmap of the guest memory file failed")]
+    Map(#[source] MmapRegionError),
 }
 
 /// A second host mapping of `[gpa, gpa + len)`; unmapped on drop.
+///
+/// The mapping is a vm-memory [`MmapRegion`] of the memfd (the same type
+/// the VMM's own mapping of guest RAM is made of), so mapping, unmapping and
+/// every bounds- and alignment-checked access are vm-memory's code, not
+/// ours.
 pub struct SharedAlias {
-    map_base: *mut u8,
-    map_len: usize,
+    /// Whole pages of the memory file, `MAP_SHARED`.
+    mapping: MmapRegion,
     /// Offset of `gpa` inside the page-aligned mapping.
     lead: usize,
     gpa: GuestAddress,
     len: usize,
 }
 
-// SAFETY: the mapping is plain shared memory owned by this value; moving it
-// to another thread changes nothing about its validity.
-unsafe impl Send for SharedAlias {}
-// SAFETY: all accesses through `&self` are volatile copies into or out of
-// caller buffers; concurrent ones race like any shared memory does (the
-// guest writes it concurrently anyway), without undefined behaviour on the
-// Rust side because no reference to the mapped bytes is ever created.
-unsafe impl Sync for SharedAlias {}
-
 impl SharedAlias {
     /// Maps `[gpa, gpa + len)` of `ram` again.
     pub fn new(ram: &GuestRam, gpa: GuestAddress, len: usize) -> Result<Self, AliasError> {
-        let not_in_ram = AliasError::NotInRam { addr: gpa.0, len };
+        let not_in_ram = || AliasError::NotInRam { addr: gpa.0, len };
         let end = gpa
             .0
             .checked_add(len as u64)
             .filter(|_| len > 0)
-            .ok_or(not_in_ram.clone())?;
+            .ok_or_else(not_in_ram)?;
         let (index, region) = ram
             .layout
             .iter()
             .enumerate()
             .find(|(_, r)| gpa.0 >= r.base && end <= r.base + r.size)
-            .ok_or(not_in_ram)?;
+            .ok_or_else(not_in_ram)?;
         let page = crate::flush_engine::resident::page_size() as u64;
         let file_offset = ram.file_offsets[index] + (gpa.0 - region.base);
+        // mmap takes a page-aligned file offset: map from the page that
+        // holds `gpa` and remember where `gpa` is in it.
         let aligned_offset = file_offset & !(page - 1);
         let lead = (file_offset - aligned_offset) as usize;
         let map_len = (lead + len).next_multiple_of(page as usize);
-        // SAFETY: a fresh shared mapping of the memory file at a page-aligned
-        // offset inside it; the kernel picks the address.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                ram.file.as_raw_fd(),
-                aligned_offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(AliasError::Map(
-                std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-            ));
-        }
-        Ok(Self {
-            map_base: ptr.cast(),
+        let file = ram.file.try_clone().map_err(AliasError::DupFile)?;
+        let mapping = MmapRegion::build(
+            Some(FileOffset::new(file, aligned_offset)),
             map_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(AliasError::Map)?;
+        Ok(Self {
+            mapping,
             lead,
             gpa,
             len,
@@ -129,16 +120,13 @@ impl SharedAlias {
 
     /// Host address of byte 0 of the alias (for cache timing from the host).
     pub fn as_ptr(&self) -> *const u8 {
-        // SAFETY: `lead` is inside the mapping.
-        unsafe { self.map_base.add(self.lead) }
+        self.mapping.as_ptr().wrapping_add(self.lead)
     }
 
-    fn check(&self, offset: usize, len: usize) -> Result<*mut u8, AliasError> {
+    /// `offset + len` is inside the alias: the offset into the mapping.
+    fn check(&self, offset: usize, len: usize) -> Result<usize, AliasError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.len => {
-                // SAFETY: `lead + offset` is inside the mapping (checked).
-                Ok(unsafe { self.map_base.add(self.lead + offset) })
-            }
+            Some(end) if end <= self.len => Ok(self.lead + offset),
             _ => Err(AliasError::OutOfBounds {
                 offset,
                 len,
@@ -149,11 +137,12 @@ impl SharedAlias {
 
     /// Copies `buf.len()` bytes at `offset` out of the alias.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), AliasError> {
-        let src = self.check(offset, buf.len())?;
-        for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: `src + i` is inside the mapping (checked above).
-            *b = unsafe { src.add(i).read_volatile() };
-        }
+        let at = self.check(offset, buf.len())?;
+        let slice = self
+            .mapping
+            .get_slice(at, buf.len())
+            .expect("inside the mapping: checked against the alias");
+        slice.copy_to(buf);
         Ok(())
     }
 
@@ -172,33 +161,26 @@ impl SharedAlias {
         Ok(())
     }
 
+    /// The word at `offset`. Every access to a word used this way is
+    /// atomic: the guest's through its own atomics, the host's through these
+    /// methods.
     fn atomic_u64(&self, offset: usize) -> Result<&AtomicU64, AliasError> {
-        let ptr = self.check(offset, 8)?;
-        if ptr as usize % 8 != 0 {
-            return Err(AliasError::Misaligned { offset, align: 8 });
-        }
-        // SAFETY: `ptr` is 8 bytes inside the mapping (checked), aligned
-        // (checked), and the mapping lives as long as `&self`. Every access
-        // to a word used this way is atomic: the guest's through its own
-        // atomics, the host's through these two methods.
-        Ok(unsafe { AtomicU64::from_ptr(ptr.cast()) })
+        let at = self.check(offset, 8)?;
+        // Bounds are checked above, so the only error left is alignment.
+        self.mapping
+            .get_atomic_ref::<AtomicU64>(at)
+            .map_err(|_| AliasError::Misaligned { offset, align: 8 })
     }
 
     /// Copies `buf` into the alias at `offset`.
     pub fn write(&self, offset: usize, buf: &[u8]) -> Result<(), AliasError> {
-        let dst = self.check(offset, buf.len())?;
-        for (i, b) in buf.iter().enumerate() {
-            // SAFETY: `dst + i` is inside the mapping (checked above).
-            unsafe { dst.add(i).write_volatile(*b) };
-        }
+        let at = self.check(offset, buf.len())?;
+        let slice = self
+            .mapping
+            .get_slice(at, buf.len())
+            .expect("inside the mapping: checked against the alias");
+        slice.copy_from(buf);
         Ok(())
-    }
-}
-
-impl Drop for SharedAlias {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping this value created.
-        unsafe { libc::munmap(self.map_base.cast(), self.map_len) };
     }
 }
 
@@ -252,14 +234,20 @@ mod tests {
         );
         ram.memory.write_obj(7u64, GuestAddress(0x1010)).unwrap();
         assert_eq!(alias.load_u64(16).unwrap(), 7);
-        assert_eq!(
+        assert!(matches!(
             alias.load_u64(4),
             Err(AliasError::Misaligned {
                 offset: 4,
                 align: 8
             })
-        );
-        assert!(alias.store_u64(60, 0).is_err());
-        assert!(alias.load_u64(64).is_err());
+        ));
+        assert!(matches!(
+            alias.store_u64(60, 0),
+            Err(AliasError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            alias.load_u64(64),
+            Err(AliasError::OutOfBounds { .. })
+        ));
     }
 }

@@ -3,7 +3,6 @@
 //!
 //! * [`alias`]: a second host mapping of guest RAM (hand-off tests).
 //! * [`audit`]: the dirty-page audit (guest writes not covered by a flush).
-//! * [`bench`]: `vmm bench`, the benchmark of the cache-flush service.
 //! * [`memory`]: guest RAM (memfd-backed, lazily allocated) and its layout.
 //! * [`loader`]: ELF kernel validation and loading.
 //! * [`boot`]: boot information block, GDT, page tables, initial registers.
@@ -12,14 +11,14 @@
 //! * [`flush_engine`]: the pause-all flush engine behind the cache-flush
 //!   device (its own crate, `devices/flush-engine`, instantiated here).
 //! * [`metrics`]: `--metrics` JSON.
-//! * [`reload_probe`]: Flush+Reload from the host through its own mappings
-//!   (the host half of the `host-probe` scenario).
 //! * [`vm`]: puts it all together and runs the control loop.
+//!
+//! The benchmark and the host-side Flush+Reload probe are tools built on this
+//! library, not part of it: the `vmm-tools` crate (`tools/`).
 #![deny(missing_docs)]
 
 pub mod alias;
 pub mod audit;
-pub mod bench;
 pub mod boot;
 /// The flush engine (crate `flush-engine`), as this VMM instantiates it: its
 /// vCPU control channel implements the engine's pause traits
@@ -36,7 +35,6 @@ pub mod flush_engine {
 pub mod loader;
 pub mod memory;
 pub mod metrics;
-pub mod reload_probe;
 pub mod vcpu;
 pub mod vm;
 

@@ -21,7 +21,7 @@ Exit codes:
 
 /// Boot a guest kernel on KVM with the paravirtual cache-flush device.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = EXIT_CODES, args_conflicts_with_subcommands = true)]
+#[command(version, about, after_help = EXIT_CODES)]
 struct Cli {
     /// Guest kernel: a static ELF64 x86-64 executable loaded at or above
     /// 1 MiB. Defaults to the guest bundled in this binary.
@@ -86,51 +86,6 @@ struct Cli {
     /// debug or trace. RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log_level: log::LevelFilter,
-
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-/// Subcommands; without one, `vmm` boots the guest as the flags say.
-#[derive(clap::Subcommand, Debug)]
-enum Command {
-    /// Benchmark the cache-flush service; write the report to DIR.
-    ///
-    /// Boots benchmark guests, compares against their peers in the same run,
-    /// writes DIR/report.json, DIR/summary.md and SVG charts (progress on
-    /// stderr). Exit code 0 when the report is written, 1 when a measurement
-    /// failed.
-    Bench {
-        /// Directory for the report (created if missing).
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-        /// Fewer sizes and repeats, smaller guests: under a minute.
-        #[arg(long)]
-        quick: bool,
-    },
-    /// Show from the host that the guest's flush requests evict the lines of
-    /// every host mapping of its memory (Flush+Reload).
-    ///
-    /// Boots the bundled guest's `host-probe` scenario and times, from a
-    /// pinned host thread, reloads of a buffer through a second mapping of
-    /// guest memory and through the VMM's own, after the guest asked for a
-    /// range flush and a full flush, against buffers that were paused alike
-    /// but not flushed. Prints the medians. Exit code 0 when every flush
-    /// evicted, 1 when one did not, the run was inconclusive (the host too
-    /// busy to tell) or failed, 3 when the VM could not be set up.
-    HostProbe {
-        /// Number of vCPUs (1 to 32).
-        #[arg(long, value_name = "N", default_value_t = 1,
-              value_parser = clap::value_parser!(u32).range(1..=i64::from(cache_flush_abi::boot::MAX_VCPUS)))]
-        vcpus: u32,
-        /// Attempts per measurement before it counts as not evicted.
-        #[arg(long, value_name = "N", default_value_t = 10,
-              value_parser = clap::value_parser!(u32).range(1..=1000))]
-        attempts: u32,
-        /// Do not offer FLUSH_ALL (its measurement is then skipped).
-        #[arg(long)]
-        no_full_flush: bool,
-    },
 }
 
 fn main() -> ExitCode {
@@ -151,23 +106,6 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
 
-    match cli.command {
-        Some(Command::Bench { out, quick }) => {
-            return match vmm::bench::run(&vmm::bench::BenchOptions { out, quick }) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: bench: {}", error_chain(e.as_ref()));
-                    ExitCode::from(1)
-                }
-            };
-        }
-        Some(Command::HostProbe {
-            vcpus,
-            attempts,
-            no_full_flush,
-        }) => return host_probe(vcpus, attempts, !no_full_flush),
-        None => {}
-    }
     match run(cli) {
         Ok(outcome) => {
             report(&outcome);
@@ -206,45 +144,6 @@ fn run(cli: Cli) -> Result<VmOutcome, Box<dyn std::error::Error>> {
     let vm = Vm::new(&config)?;
     let running = vm.start()?;
     Ok(running.wait()?)
-}
-
-/// `vmm host-probe`: the report on stdout, problems on stderr.
-fn host_probe(vcpus: u32, attempts: u32, full_flush: bool) -> ExitCode {
-    use vmm::reload_probe::host_probe::{run_vm, HostProbeOptions};
-    let config = VmConfig {
-        vcpus,
-        full_flush,
-        cmdline: "scenario=host-probe".into(),
-        handle_signals: true,
-        ..VmConfig::new(vmm::BUNDLED_GUEST_KERNEL.to_vec())
-    };
-    let options = HostProbeOptions {
-        attempts,
-        ..HostProbeOptions::default()
-    };
-    let run = match run_vm(&config, &options) {
-        Ok(run) => run,
-        Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
-            return ExitCode::from(exit_code::SETUP_ERROR as u8);
-        }
-    };
-    let passed = match &run.report {
-        Ok(report) => {
-            println!("{report}");
-            if !report.passed() {
-                eprintln!("error: host-probe: a flush was not shown to evict the host's lines (see above)");
-            }
-            report.passed()
-        }
-        Err(e) => {
-            eprintln!("error: host-probe: {}", error_chain(e));
-            false
-        }
-    };
-    report(&run.outcome);
-    let guest_ok = matches!(run.outcome, VmOutcome::GuestExit { status: 0, .. });
-    ExitCode::from(if passed && guest_ok { 0 } else { 1 })
 }
 
 /// One line on stderr for every way the VM can end but success.

@@ -6,7 +6,7 @@
 //! no line of that memory cached under any virtual mapping.
 //!
 //! Defined here, once, because the guest kernel (`host-probe` scenario) and
-//! the host (`vmm::reload_probe`) must agree on every number.
+//! the host (`vmm_tools::reload_probe`) must agree on every number.
 //!
 //! # Layout
 //!

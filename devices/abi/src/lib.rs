@@ -11,6 +11,8 @@
 //!   `resources/cache-flush-device.md`).
 //! * [`host_probe`]: the mailbox protocol of the bundled guest's `host-probe`
 //!   scenario (host-side Flush+Reload after a guest request).
+//! * [`flush_reload`]: the verdict both Flush+Reload probes (guest and host)
+//!   apply to their timings.
 //!
 //! All multi-byte fields are little-endian (the only byte order of x86-64).
 #![no_std]
@@ -18,4 +20,5 @@
 
 pub mod boot;
 pub mod cache_flush;
+pub mod flush_reload;
 pub mod host_probe;

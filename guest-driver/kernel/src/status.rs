@@ -28,8 +28,9 @@ pub const DEVICE_INIT_FAILED: u32 = 8;
 /// A `key=value` option of the command line has a value the scenario cannot
 /// use (not a number, or out of range).
 pub const BAD_OPTION: u32 = 9;
-/// A measurement could not be made: the `probe` scenario's comparison was
-/// evicted on every attempt (the pause that serves a request moved the vCPU's
-/// lines away, as with more vCPUs than host cores), so the flush could be
-/// neither confirmed nor refuted.
+/// A measurement could not be made: the `probe` scenario's attempts ran out
+/// before enough of them could be judged (in the others the comparison was
+/// evicted too, as when the pause that serves a request moves the vCPU's
+/// lines away), or its calibration could not tell a hit from a miss; the
+/// flush could be neither confirmed nor refuted.
 pub const INCONCLUSIVE: u32 = 10;

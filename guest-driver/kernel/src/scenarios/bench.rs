@@ -1,4 +1,4 @@
-//! `bench`: the guest half of `vmm bench`. Prints its measurements as
+//! `bench`: the guest half of `vmm-tools bench`. Prints its measurements as
 //! `bench: KIND key=value ...` lines (TSC cycles) for the VMM to parse; the
 //! VMM does the statistics. `part=` chooses what is measured:
 //!
@@ -30,7 +30,7 @@ use crate::status;
 
 pub const SCENARIO: Scenario = Scenario {
     name: "bench",
-    description: "measurements for `vmm bench`: part=range|full|tput (prints bench: lines)",
+    description: "measurements for `vmm-tools bench`: part=range|full|tput (prints bench: lines)",
     run,
 };
 

@@ -1,5 +1,5 @@
 //! `host-probe`: the guest half of the host-side Flush+Reload proof
-//! (`vmm::reload_probe`). The host times reloads of guest memory through its
+//! (`vmm_tools::reload_probe`). The host times reloads of guest memory through its
 //! *own* mappings of guest RAM after the guest asked the device for a flush:
 //! a flush requested by guest-physical address must leave no line of that
 //! memory cached under any virtual mapping, the VMM's included. `probe`

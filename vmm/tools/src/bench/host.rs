@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::flush_engine::cache_ops::{self, FlushInstruction};
+use vmm::flush_engine::cache_ops::{self, FlushInstruction};
 
 /// TSC ticks per nanosecond, measured against the monotonic clock.
 pub fn tsc_per_ns() -> f64 {

@@ -8,10 +8,15 @@
 //! [`SharedAlias`], a second `mmap` of the same memfd at another host address.
 //!
 //! The method (see `shared/HOST-NOTES.md`): load and dirty every line of a
-//! buffer so it is cached on this core, let something happen, then time one
-//! load of each line (`rdtscp` between fences) in a random order (a constant
-//! stride is prefetched back and looks cached) and take the median. Timing
-//! is only meaningful on one core, so the measuring thread pins itself
+//! buffer so it is cached on this core, let something happen, then time the
+//! *first touch* of one random line in each 4 KiB page, the pages in a random
+//! order (`rdtscp` between fences). Only first touches count because after a
+//! few misses in a page the CPU's prefetchers fetch the rest of it, which
+//! makes a flushed buffer look partly cached. The lines are judged by
+//! [`cache_flush_abi::flush_reload`], the same rule the guest's `probe`
+//! applies: slow at or above the threshold half-way between the cached and
+//! the self-flushed latency ([`ReloadTimer::calibrate`]). Timing is only
+//! meaningful on one core, so the measuring thread pins itself
 //! ([`PinnedToCurrentCpu`]) for the whole measurement.
 //!
 //! * [`ReloadTimer`] and [`Region`]: the measurement itself.
@@ -23,18 +28,23 @@ pub mod host_probe;
 
 use std::marker::PhantomData;
 
+use cache_flush_abi::flush_reload::{Calibration, SlowCount};
+use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::alias::SharedAlias;
+use vmm::alias::SharedAlias;
 
 /// The cache-line size the probe works in (x86-64).
 pub const LINE: usize = 64;
+/// The page size whose first touches the probe times (x86-64 base pages;
+/// the prefetchers do not cross them).
+pub const PAGE: usize = 4096;
 
 /// Errors of the probe's set-up.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ReloadError {
-    /// The range is not inside the mapping, or not whole lines.
-    #[error("{what}: {offset:#x}+{len:#x} is not whole {LINE}-byte lines inside the mapping")]
+    /// The range is not inside the mapping, or not whole pages.
+    #[error("{what}: {offset:#x}+{len:#x} is not whole {PAGE}-byte pages inside the mapping")]
     BadRange {
         /// Which mapping.
         what: &'static str,
@@ -48,7 +58,7 @@ pub enum ReloadError {
     Pin(i32),
 }
 
-/// Whole lines of some host mapping of guest memory, valid for `'a`.
+/// Whole pages of some host mapping of guest memory, valid for `'a`.
 #[derive(Clone, Copy)]
 pub struct Region<'a> {
     ptr: *mut u8,
@@ -70,7 +80,7 @@ impl<'a> Region<'a> {
         };
         let end = offset.checked_add(len).ok_or_else(bad)?;
         let start = alias.as_ptr() as usize + offset;
-        if end > alias.len() || len == 0 || len % LINE != 0 || start % LINE != 0 {
+        if end > alias.len() || len == 0 || len % PAGE != 0 || start % PAGE != 0 {
             return Err(bad());
         }
         Ok(Self {
@@ -94,11 +104,30 @@ impl<'a> Region<'a> {
             offset: gpa.0,
             len,
         };
-        if len == 0 || len % LINE != 0 || gpa.0 % LINE as u64 != 0 {
+        if len == 0 || len % PAGE != 0 || gpa.0 % PAGE as u64 != 0 {
             return Err(bad());
         }
         let slice = memory.get_slice(gpa, len).map_err(|_| bad())?;
         let ptr = slice.ptr_guard_mut().as_ptr();
+        Ok(Self {
+            ptr,
+            len,
+            _mapping: PhantomData,
+        })
+    }
+
+    /// The whole of `mapping`, a buffer of the host's own (for a
+    /// comparison that no flush of guest memory can touch).
+    pub fn in_private(mapping: &'a MmapRegion) -> Result<Self, ReloadError> {
+        let len = mapping.size();
+        let ptr = mapping.as_ptr();
+        if len == 0 || len % PAGE != 0 || ptr as usize % PAGE != 0 {
+            return Err(ReloadError::BadRange {
+                what: "private buffer",
+                offset: 0,
+                len,
+            });
+        }
         Ok(Self {
             ptr,
             len,
@@ -111,8 +140,13 @@ impl<'a> Region<'a> {
         self.len / LINE
     }
 
+    /// Pages in the region.
+    pub fn pages(&self) -> usize {
+        self.len / PAGE
+    }
+
     fn line(&self, index: usize) -> *mut u8 {
-        debug_assert!(index < self.lines());
+        assert!(index < self.lines(), "line {index} of {}", self.lines());
         // SAFETY: `index < lines()`, so the address is inside the region.
         unsafe { self.ptr.add(index * LINE) }
     }
@@ -139,6 +173,14 @@ impl Reload {
     /// How many lines took at least `cycles`.
     pub fn at_least(&self, cycles: u64) -> usize {
         self.sorted.len() - self.sorted.partition_point(|&s| s < cycles)
+    }
+
+    /// How many lines were slow at `threshold`, for the verdict.
+    pub fn slow(&self, threshold: u64) -> SlowCount {
+        SlowCount {
+            slow: self.at_least(threshold) as u32,
+            lines: self.sorted.len() as u32,
+        }
     }
 
     /// Lines timed.
@@ -177,23 +219,66 @@ impl ReloadTimer {
         mfence();
     }
 
-    /// Times one load of every line of `region`, in a random order.
+    /// Times the first touch of one random line in each page of `region`,
+    /// the pages in a fresh random order. The order and lines are chosen
+    /// before the first timed load, so nothing but the loads runs between
+    /// them.
     pub fn time(&mut self, region: &Region<'_>) -> Reload {
-        let lines = region.lines();
-        self.order.clear();
-        self.order.extend(0..lines);
-        // Fisher-Yates with xorshift64: uniform enough for defeating the
-        // prefetchers, and no allocation or syscall between the loads.
-        for i in (1..lines).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
-            self.order.swap(i, j);
-        }
+        self.choose_lines(region.pages());
         let samples = self
             .order
             .iter()
-            .map(|&i| time_load(region.line(i)))
+            .map(|&line| time_load(region.line(line)))
             .collect();
         Reload::from_samples(samples)
+    }
+
+    /// Fills `order` with one random line index of each of `pages` pages,
+    /// the pages in a random order.
+    fn choose_lines(&mut self, pages: usize) {
+        self.order.clear();
+        self.order.extend(0..pages);
+        // Fisher-Yates with xorshift64: uniform enough for defeating the
+        // prefetchers, and no allocation or syscall between the loads.
+        for i in (1..pages).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            self.order.swap(i, j);
+        }
+        const LINES_PER_PAGE: usize = PAGE / LINE;
+        for i in 0..pages {
+            let line = (self.next() % LINES_PER_PAGE as u64) as usize;
+            self.order[i] = self.order[i] * LINES_PER_PAGE + line;
+        }
+    }
+
+    /// Writes back and invalidates every line of `region` from this thread
+    /// (CLFLUSH), then fences: the prober's own flush, for the calibration.
+    pub fn flush(&self, region: &Region<'_>) {
+        for i in 0..region.lines() {
+            // SAFETY: CLFLUSH of an address inside the region, a live
+            // mapping; it does not change memory contents.
+            unsafe { std::arch::x86_64::_mm_clflush(region.line(i)) };
+        }
+        mfence();
+    }
+
+    /// The calibration on this core (see `cache_flush_abi::flush_reload`):
+    /// the lowest of `rounds` first-touch medians of `region` just warmed,
+    /// and just warmed then flushed by this thread. Noise only adds cycles,
+    /// so the lowest median is the truest.
+    pub fn calibrate(&mut self, region: &Region<'_>, rounds: u32) -> Calibration {
+        let mut cal = Calibration {
+            cached: u64::MAX,
+            flushed: u64::MAX,
+        };
+        for _ in 0..rounds.max(1) {
+            self.warm(region);
+            cal.cached = cal.cached.min(self.time(region).median());
+            self.warm(region);
+            self.flush(region);
+            cal.flushed = cal.flushed.min(self.time(region).median());
+        }
+        cal
     }
 
     fn next(&mut self) -> u64 {
@@ -234,7 +319,7 @@ impl PinnedToCurrentCpu {
         if unsafe { libc::sched_getaffinity(0, size, &mut previous) } != 0 {
             return Err(ReloadError::Pin(errno()));
         }
-        let cpu = crate::flush_engine::current_cpu();
+        let cpu = vmm::flush_engine::current_cpu();
         // SAFETY: as above.
         let mut only: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         // SAFETY: `cpu` is a CPU number the kernel just gave, below
@@ -306,7 +391,7 @@ fn time_load(address: *const u8) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::GuestRam;
+    use vmm::memory::GuestRam;
 
     #[test]
     fn regions_must_be_whole_lines_inside_the_mapping() {
@@ -325,12 +410,35 @@ mod tests {
 
     #[test]
     fn reload_statistics() {
+        assert_eq!(
+            Reload::from_samples(vec![300, 50, 60, 310, 55]).slow(120),
+            SlowCount { slow: 2, lines: 5 }
+        );
         let r = Reload::from_samples(vec![300, 50, 60, 310, 55]);
         assert_eq!(r.median(), 60);
         assert_eq!(r.at_least(120), 2);
         assert_eq!(r.at_least(0), 5);
         assert_eq!(r.lines(), 5);
         assert_eq!(Reload::from_samples(Vec::new()).median(), 0);
+    }
+
+    #[test]
+    fn a_reload_touches_one_line_of_every_page_once() {
+        let mut timer = ReloadTimer::new();
+        let mut seen_lines = std::collections::HashSet::new();
+        for _ in 0..20 {
+            timer.choose_lines(64);
+            let mut pages: Vec<usize> = timer.order.iter().map(|l| l * LINE / PAGE).collect();
+            seen_lines.extend(timer.order.iter().map(|l| l % (PAGE / LINE)));
+            pages.sort_unstable();
+            assert_eq!(pages, (0..64).collect::<Vec<_>>());
+        }
+        // The line within a page varies (a fixed offset would be a constant
+        // stride across pages).
+        assert!(seen_lines.len() > 32, "{seen_lines:?}");
+        let ram = GuestRam::new(16).unwrap();
+        let region = Region::in_guest_memory(&ram.memory, GuestAddress(0x10_0000), 0x4000).unwrap();
+        assert_eq!(timer.time(&region).lines(), 4);
     }
 
     #[test]

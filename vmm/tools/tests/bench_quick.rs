@@ -1,10 +1,10 @@
-//! `vmm bench --quick` end to end: it boots its guests, writes the report
+//! `vmm-tools bench --quick` end to end: it boots its guests, writes the report
 //! files, and report.json parses with every section present. No timing is
 //! asserted: the figures depend on the machine.
 
 mod common;
 
-use common::{describe, run_vmm};
+use common::{describe, run_tools};
 
 #[test]
 fn quick_bench_writes_a_complete_report() {
@@ -14,7 +14,7 @@ fn quick_bench_writes_a_complete_report() {
     let dir = std::env::temp_dir().join(format!("vmm-bench-quick-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let out_arg = dir.to_str().expect("a UTF-8 temp path");
-    let out = run_vmm(&["bench", "--quick", "--out", out_arg]);
+    let out = run_tools(&["bench", "--quick", "--out", out_arg]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -82,14 +82,4 @@ fn quick_bench_writes_a_complete_report() {
     let summary = std::fs::read_to_string(dir.join("summary.md")).expect("summary.md reads");
     assert!(summary.contains("## Targets"), "{summary}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The flat flags still boot the guest with the `bench` subcommand present.
-#[test]
-fn flat_flags_still_boot() {
-    if !common::kvm_or_skip("flat_flags_still_boot") {
-        return;
-    }
-    let out = run_vmm(&["--vcpus", "1", "--cmdline", "scenario=boot"]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 }

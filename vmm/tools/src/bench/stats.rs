@@ -1,7 +1,8 @@
 //! Median and spread of a set of samples.
 
-/// Nearest-rank p10 / median / p90 of a set of samples.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// Nearest-rank p10 / median / p90 of a set of samples; in `report.json`
+/// as `{"n", "p10", "p50", "p90"}`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Spread {
     /// Samples.
     pub n: usize,

@@ -11,31 +11,37 @@
 //!   target buffer against the control buffer, which was warmed alike and
 //!   paused alike but not flushed;
 //! * full flush (when offered), through the alias: it evicts the control
-//!   buffer too, so the comparison is the target after a request that
-//!   pauses the guest the same way but flushes one line elsewhere;
+//!   buffer too, so the comparison is a buffer of the host's own memory
+//!   (not guest memory: no flush of the guest touches it), warmed alike
+//!   and timed after the same pause;
 //! * a no-op exit (a device register read), reported only: an exit alone
 //!   leaves the lines cached.
 //!
-//! A flush counts as evicting when the measured median is at least twice
-//! the comparison's. The host is shared and noisy, and a pause can move the
-//! VMM's threads (and evict this core's caches) on a host with fewer cores
-//! than threads, so an attempt whose comparison itself reloads at least
-//! twice as slowly as cached lines is void, and a failing measurement is
-//! repeated up to [`HostProbeOptions::attempts`] times.
+//! Every measurement is judged by [`cache_flush_abi::flush_reload`], the
+//! rule the guest's `probe` applies too: the first touch of one line per
+//! page, a line slow at or above the threshold half-way between the cached
+//! and the self-flushed latency of this core; an attempt is evicted only
+//! when every sampled line is slow, void when more than half of the
+//! comparison's lines are slow too. Attempts are repeated up to
+//! [`HostProbeOptions::attempts`] times: a partial or no eviction decides at
+//! once (it is not retried until one passes), a pass needs
+//! [`cache_flush_abi::flush_reload::CONFIRMATIONS`] evicted attempts.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cache_flush_abi::flush_reload::{judge_attempt, Attempt, Calibration, Outcome, Series};
 pub use cache_flush_abi::host_probe as protocol;
 use protocol::{op, reply};
+use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::{PinnedToCurrentCpu, Region, Reload, ReloadError, ReloadTimer};
-use crate::alias::{AliasError, SharedAlias};
-use crate::vcpu::VmOutcome;
-use crate::vm::{Vm, VmConfig, VmError};
+use vmm::alias::{AliasError, SharedAlias};
+use vmm::vcpu::VmOutcome;
+use vmm::vm::{Vm, VmConfig, VmError};
 
 /// Errors of the host half.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +70,9 @@ pub enum HostProbeError {
         /// Operation.
         op: u8,
     },
+    /// The host-private comparison buffer could not be mapped.
+    #[error("cannot map the private comparison buffer")]
+    PrivateBuffer(#[source] vm_memory::mmap::MmapRegionError),
     /// The host half's thread panicked.
     #[error("the host half panicked")]
     Panicked,
@@ -113,82 +122,95 @@ pub struct Measurement {
 }
 
 impl Measurement {
-    /// The measured median is at least twice the comparison's.
-    pub fn evicted(&self) -> bool {
-        self.measured.median() >= 2 * self.comparison.median()
+    /// The attempt's judgement at `threshold`.
+    pub fn judge(&self, threshold: u64) -> Attempt {
+        judge_attempt(
+            self.measured.slow(threshold),
+            self.comparison.slow(threshold),
+        )
     }
-}
 
-impl fmt::Display for Measurement {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let threshold = 2 * self.comparison.median();
-        write!(
-            f,
-            "median {} cycles ({}/{} lines >= {threshold}) vs comparison median {}",
+    /// "41/64 lines slow (median 312) vs comparison 1/64 (median 80)".
+    pub fn describe(&self, threshold: u64) -> String {
+        let (m, c) = (
+            self.measured.slow(threshold),
+            self.comparison.slow(threshold),
+        );
+        format!(
+            "{}/{} lines slow (median {}) vs comparison {}/{} (median {})",
+            m.slow,
+            m.lines,
             self.measured.median(),
-            self.measured.at_least(threshold),
-            self.measured.lines(),
+            c.slow,
+            c.lines,
             self.comparison.median()
         )
     }
 }
 
-/// How a series of attempts ended.
+/// How a series of attempts ended, with every attempt.
 #[derive(Clone, Debug)]
-pub enum Verdict {
-    /// Attempt `attempt` showed eviction.
-    Evicted {
-        /// Which attempt (from 1).
-        attempt: u32,
-        /// Its measurement.
-        measurement: Measurement,
-        /// The (measured, comparison) medians of the attempts before it.
-        earlier: Vec<(u64, u64)>,
-    },
-    /// No attempt did, though at least one comparison was cached.
-    NotEvicted {
-        /// The last attempt's measurement.
-        last: Measurement,
-    },
-    /// Every attempt's comparison was itself evicted: no conclusion.
-    Inconclusive {
-        /// The last attempt's measurement.
-        last: Measurement,
-    },
-    /// The device does not offer the request.
-    Unsupported,
+pub struct Verdict {
+    /// The outcome ([`Outcome::Evicted`] is the only pass).
+    pub outcome: Outcome,
+    /// The slow/fast threshold the attempts were judged at (0 when the
+    /// calibration could not separate cached from flushed lines and nothing
+    /// was measured).
+    pub threshold: u64,
+    /// Every attempt, in order, with its judgement; the last one decided.
+    pub attempts: Vec<(Measurement, Attempt)>,
 }
 
 impl Verdict {
-    /// Evicted, or not offered (nothing to prove).
+    /// Evicted.
     pub fn passed(&self) -> bool {
-        matches!(self, Verdict::Evicted { .. } | Verdict::Unsupported)
+        self.outcome.passed()
     }
 }
 
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Verdict::Evicted {
-                attempt,
-                measurement,
-                earlier,
-            } => {
-                write!(f, "evicted (attempt {attempt}): {measurement}")?;
-                if !earlier.is_empty() {
-                    write!(f, "; earlier attempts' medians (measured/comparison):")?;
-                    for (measured, comparison) in earlier {
-                        write!(f, " {measured}/{comparison}")?;
-                    }
-                }
-                Ok(())
+        let Some(((last, _), earlier)) = self.attempts.split_last() else {
+            return f.write_str(
+                "INCONCLUSIVE: nothing measured (the calibration cannot tell a hit from a miss)",
+            );
+        };
+        f.write_str(match self.outcome {
+            Outcome::Evicted => "evicted",
+            Outcome::Partial => "PARTIAL (some sampled lines still cached)",
+            Outcome::NotEvicted => "NOT evicted",
+            Outcome::Inconclusive => {
+                "INCONCLUSIVE (attempts used up before enough evicted ones; the rest void)"
             }
-            Verdict::NotEvicted { last } => write!(f, "NOT evicted: {last}"),
-            Verdict::Inconclusive { last } => {
-                write!(f, "INCONCLUSIVE (every comparison was evicted too): {last}")
+        })?;
+        write!(
+            f,
+            " (attempt {}): {}",
+            self.attempts.len(),
+            last.describe(self.threshold)
+        )?;
+        if !earlier.is_empty() {
+            write!(f, "; earlier:")?;
+            for (m, attempt) in earlier {
+                let (a, b) = (
+                    m.measured.slow(self.threshold),
+                    m.comparison.slow(self.threshold),
+                );
+                let kind = match attempt {
+                    Attempt::Evicted => "evicted",
+                    Attempt::Void => "void",
+                    // Never earlier: they decide at once.
+                    Attempt::Partial => "partial",
+                    Attempt::NotEvicted => "not evicted",
+                };
+                write!(
+                    f,
+                    " {}/{} vs {}/{} {kind},",
+                    a.slow, a.lines, b.slow, b.lines
+                )?;
             }
-            Verdict::Unsupported => f.write_str("not offered by the device, skipped"),
         }
+        Ok(())
     }
 }
 
@@ -202,6 +224,10 @@ pub struct HostProbeOptions {
     pub attempts: u32,
     /// How long to wait for each answer of the guest.
     pub answer_timeout: Duration,
+    /// The negative control: ask for a one-line flush elsewhere
+    /// ([`op::FLUSH_ELSEWHERE`], the same pause) wherever a flush of the
+    /// target is measured, so a sound probe must report it NOT evicted.
+    pub sham: bool,
 }
 
 impl Default for HostProbeOptions {
@@ -210,6 +236,7 @@ impl Default for HostProbeOptions {
             region: GuestAddress(protocol::DEFAULT_REGION),
             attempts: 10,
             answer_timeout: Duration::from_secs(10),
+            sham: false,
         }
     }
 }
@@ -219,14 +246,14 @@ impl Default for HostProbeOptions {
 pub struct HostProbeReport {
     /// The host CPU the measuring thread was pinned to.
     pub cpu: i32,
-    /// Median reload of freshly warmed lines (the best of three).
-    pub cached_median: u64,
+    /// Cached and self-flushed first-touch medians on that CPU.
+    pub calibration: Calibration,
     /// Range flush, timed through the alias.
     pub range_alias: Verdict,
     /// Range flush, timed through the VMM's own mapping.
     pub range_vmm: Verdict,
-    /// Full flush, timed through the alias.
-    pub full_alias: Verdict,
+    /// Full flush, timed through the alias; `None` when not offered.
+    pub full_alias: Option<Verdict>,
     /// A no-op exit, timed through the alias (reported only).
     pub noop_exit: Measurement,
 }
@@ -234,33 +261,41 @@ pub struct HostProbeReport {
 impl HostProbeReport {
     /// Every flush measurement showed eviction (or was not offered).
     pub fn passed(&self) -> bool {
-        self.verdicts().iter().all(|v| v.passed())
+        self.verdicts().all(|v| v.passed())
     }
 
     /// No measurement failed, but at least one could not conclude: the host
     /// was too noisy to tell, and a new run may.
     pub fn inconclusive(&self) -> bool {
-        let verdicts = self.verdicts();
-        verdicts
-            .iter()
-            .any(|v| matches!(v, Verdict::Inconclusive { .. }))
-            && !verdicts
-                .iter()
-                .any(|v| matches!(v, Verdict::NotEvicted { .. }))
+        self.verdicts().any(|v| v.outcome == Outcome::Inconclusive)
+            && self
+                .verdicts()
+                .all(|v| matches!(v.outcome, Outcome::Evicted | Outcome::Inconclusive))
     }
 
-    fn verdicts(&self) -> [&Verdict; 3] {
-        [&self.range_alias, &self.range_vmm, &self.full_alias]
+    fn verdicts(&self) -> impl Iterator<Item = &Verdict> {
+        [
+            Some(&self.range_alias),
+            Some(&self.range_vmm),
+            self.full_alias.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
     }
 }
 
 impl fmt::Display for HostProbeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
+        let cal = &self.calibration;
+        write!(
             f,
-            "host probe on host CPU {}: cached lines reload in a median of {} cycles",
-            self.cpu, self.cached_median
+            "host probe on host CPU {}: first touch of one line per page; cached lines reload in a median of {} cycles, lines this thread flushed in {}",
+            self.cpu, cal.cached, cal.flushed
         )?;
+        match cal.threshold() {
+            Some(t) => writeln!(f, ": a line is slow at >= {t}")?,
+            None => writeln!(f, ": not 2x apart, nothing can be judged")?,
+        }
         writeln!(
             f,
             "  range flush, seen through {}: {}",
@@ -273,18 +308,25 @@ impl fmt::Display for HostProbeReport {
             View::VmmMapping,
             self.range_vmm
         )?;
-        writeln!(
-            f,
-            "  full flush, seen through {}: {}",
-            View::Alias,
-            self.full_alias
-        )?;
+        match &self.full_alias {
+            Some(v) => writeln!(f, "  full flush, seen through {}: {v}", View::Alias)?,
+            None => writeln!(f, "  full flush: not offered by the device, skipped")?,
+        }
+        let noop = &self.noop_exit;
         write!(
             f,
-            "  no-op exit, seen through {} (reported, not asserted): {}",
-            View::Alias,
-            self.noop_exit
-        )
+            "  no-op exit, seen through {} (reported, not asserted): ",
+            View::Alias
+        )?;
+        match cal.threshold() {
+            Some(t) => f.write_str(&noop.describe(t)),
+            None => write!(
+                f,
+                "median {} vs comparison median {}",
+                noop.measured.median(),
+                noop.comparison.median()
+            ),
+        }
     }
 }
 
@@ -297,6 +339,11 @@ pub struct HostProbe<'a> {
     answer_timeout: Duration,
     seq: u64,
     timer: ReloadTimer,
+    /// The full flush's comparison: host memory, not guest memory (shared,
+    /// so a measurement can hold it while it sends commands).
+    private: Arc<MmapRegion>,
+    /// See [`HostProbeOptions::sham`].
+    pub sham: bool,
 }
 
 impl<'a> HostProbe<'a> {
@@ -309,8 +356,12 @@ impl<'a> HostProbe<'a> {
         memory: &'a GuestMemoryMmap,
         vm_ended: &'a AtomicBool,
         answer_timeout: Duration,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, HostProbeError> {
+        let private = Arc::new(
+            MmapRegion::new(protocol::BUFFER_BYTES as usize)
+                .map_err(HostProbeError::PrivateBuffer)?,
+        );
+        Ok(Self {
             alias,
             memory,
             region: alias.guest_addr(),
@@ -318,7 +369,9 @@ impl<'a> HostProbe<'a> {
             answer_timeout,
             seq: 0,
             timer: ReloadTimer::new(),
-        }
+            private,
+            sham: false,
+        })
     }
 
     fn buffer(&self, view: View, offset: u64) -> Result<Region<'a>, ReloadError> {
@@ -381,6 +434,13 @@ impl<'a> HostProbe<'a> {
         }
     }
 
+    /// The calibration through the alias, on the target buffer (see
+    /// [`ReloadTimer::calibrate`]): the best of three rounds.
+    pub fn calibrate(&mut self) -> Result<Calibration, HostProbeError> {
+        let target = self.buffer(View::Alias, protocol::TARGET)?;
+        Ok(self.timer.calibrate(&target, 3))
+    }
+
     /// Freshly warmed target lines, timed at once through `view`.
     pub fn cached(&mut self, view: View) -> Result<Reload, HostProbeError> {
         let target = self.buffer(view, protocol::TARGET)?;
@@ -393,9 +453,15 @@ impl<'a> HostProbe<'a> {
     pub fn range_flush(&mut self, view: View) -> Result<Measurement, HostProbeError> {
         let target = self.buffer(view, protocol::TARGET)?;
         let control = self.buffer(view, protocol::CONTROL)?;
-        self.timer.warm(&target);
+        // The target last, so it is the most recently used: anything that
+        // evicts by age takes the control first (a void attempt, not a pass).
         self.timer.warm(&control);
-        self.request(op::FLUSH_TARGET)?;
+        self.timer.warm(&target);
+        self.request(if self.sham {
+            op::FLUSH_ELSEWHERE
+        } else {
+            op::FLUSH_TARGET
+        })?;
         let measured = self.timer.time(&target);
         let comparison = self.timer.time(&control);
         Ok(Measurement {
@@ -404,12 +470,20 @@ impl<'a> HostProbe<'a> {
         })
     }
 
-    /// Full flush, timed through `view` on the target, against the target
-    /// after a one-line flush elsewhere; `None` when not offered.
+    /// Full flush, timed through `view` on the target, against a buffer of
+    /// the host's own memory through the same pause; `None` when not
+    /// offered.
     pub fn full_flush(&mut self, view: View) -> Result<Option<Measurement>, HostProbeError> {
         let target = self.buffer(view, protocol::TARGET)?;
+        let private_map = Arc::clone(&self.private);
+        let private = Region::in_private(&private_map)?;
+        self.timer.warm(&private);
         self.timer.warm(&target);
-        match self.command(op::FLUSH_ALL)? {
+        match self.command(if self.sham {
+            op::FLUSH_ELSEWHERE
+        } else {
+            op::FLUSH_ALL
+        })? {
             reply::DONE => {}
             reply::UNSUPPORTED => return Ok(None),
             code => {
@@ -421,9 +495,7 @@ impl<'a> HostProbe<'a> {
             }
         }
         let measured = self.timer.time(&target);
-        self.timer.warm(&target);
-        self.request(op::FLUSH_ELSEWHERE)?;
-        let comparison = self.timer.time(&target);
+        let comparison = self.timer.time(&private);
         Ok(Some(Measurement {
             measured,
             comparison,
@@ -449,56 +521,50 @@ impl<'a> HostProbe<'a> {
         self.request(op::FINISH)
     }
 
-    /// Repeats `measure` until it shows eviction, at most `attempts` times.
+    /// Repeats `measure` while its attempts are void, at most `attempts`
+    /// times.
     fn attempts(
         &mut self,
         attempts: u32,
-        cached: u64,
+        threshold: Option<u64>,
         mut measure: impl FnMut(&mut Self) -> Result<Option<Measurement>, HostProbeError>,
-    ) -> Result<Verdict, HostProbeError> {
-        judge(attempts, cached, || measure(self))
+    ) -> Result<Option<Verdict>, HostProbeError> {
+        judge(attempts, threshold, || measure(self))
     }
 }
 
-/// The verdict over at most `attempts` measurements (at least one) taken by
-/// `measure` (`None`: not offered): evicted at the first that shows it;
-/// inconclusive when every comparison reloaded at least twice as slowly as
-/// `cached` lines (void attempts); not evicted otherwise.
+/// The verdict over a series of at most `attempts` measurements taken by
+/// `measure` (`None`: the request is not offered), judged at `threshold`
+/// by [`cache_flush_abi::flush_reload`]'s [`Series`]: a partial or no
+/// eviction decides at once, a pass needs its confirmations. Without a threshold (the calibration failed) nothing is
+/// measured and the verdict is inconclusive.
 fn judge<E>(
     attempts: u32,
-    cached: u64,
+    threshold: Option<u64>,
     mut measure: impl FnMut() -> Result<Option<Measurement>, E>,
-) -> Result<Verdict, E> {
-    let attempts = attempts.max(1);
-    let mut void = 0;
-    let mut earlier = Vec::new();
-    let mut attempt = 1;
+) -> Result<Option<Verdict>, E> {
+    let Some(threshold) = threshold else {
+        return Ok(Some(Verdict {
+            outcome: Outcome::Inconclusive,
+            threshold: 0,
+            attempts: Vec::new(),
+        }));
+    };
+    let mut series = Series::new(attempts);
+    let mut seen = Vec::new();
     loop {
         let Some(measurement) = measure()? else {
-            return Ok(Verdict::Unsupported);
+            return Ok(None);
         };
-        if measurement.evicted() {
-            return Ok(Verdict::Evicted {
-                attempt,
-                measurement,
-                earlier,
-            });
+        let attempt = measurement.judge(threshold);
+        seen.push((measurement, attempt));
+        if let Some(outcome) = series.record(attempt) {
+            return Ok(Some(Verdict {
+                outcome,
+                threshold,
+                attempts: seen,
+            }));
         }
-        if measurement.comparison.median() >= 2 * cached {
-            void += 1;
-        }
-        if attempt == attempts {
-            return Ok(if void == attempts {
-                Verdict::Inconclusive { last: measurement }
-            } else {
-                Verdict::NotEvicted { last: measurement }
-            });
-        }
-        earlier.push((
-            measurement.measured.median(),
-            measurement.comparison.median(),
-        ));
-        attempt += 1;
     }
 }
 
@@ -507,7 +573,7 @@ fn judge<E>(
 /// its `buffer=`): pins the calling thread, measures, and tells the guest to
 /// finish.
 /// Run it on a thread of its own while another runs the VM's control loop
-/// ([`crate::vm::RunningVm::wait`]), which serves the device, and sets
+/// ([`vmm::vm::RunningVm::wait`]), which serves the device, and sets
 /// `vm_ended` when that returns.
 pub fn run(
     alias: &SharedAlias,
@@ -516,22 +582,25 @@ pub fn run(
     options: &HostProbeOptions,
 ) -> Result<HostProbeReport, HostProbeError> {
     let pinned = PinnedToCurrentCpu::new()?;
-    let mut probe = HostProbe::new(alias, memory, vm_ended, options.answer_timeout);
-    let mut cached = u64::MAX;
-    for _ in 0..3 {
-        cached = cached.min(probe.cached(View::Alias)?.median());
-    }
+    let mut probe = HostProbe::new(alias, memory, vm_ended, options.answer_timeout)?;
+    probe.sham = options.sham;
+    let calibration = probe.calibrate()?;
+    let threshold = calibration.threshold();
     let attempts = options.attempts;
-    let range_alias = probe.attempts(attempts, cached, |p| p.range_flush(View::Alias).map(Some))?;
-    let range_vmm = probe.attempts(attempts, cached, |p| {
-        p.range_flush(View::VmmMapping).map(Some)
-    })?;
-    let full_alias = probe.attempts(attempts, cached, |p| p.full_flush(View::Alias))?;
+    let range = |view| move |p: &mut HostProbe<'_>| p.range_flush(view).map(Some);
+    let always = "a range flush is always offered";
+    let range_alias = probe
+        .attempts(attempts, threshold, range(View::Alias))?
+        .expect(always);
+    let range_vmm = probe
+        .attempts(attempts, threshold, range(View::VmmMapping))?
+        .expect(always);
+    let full_alias = probe.attempts(attempts, threshold, |p| p.full_flush(View::Alias))?;
     let noop_exit = probe.noop_exit(View::Alias)?;
     probe.finish()?;
     Ok(HostProbeReport {
         cpu: pinned.cpu(),
-        cached_median: cached,
+        calibration,
         range_alias,
         range_vmm,
         full_alias,
@@ -584,76 +653,126 @@ pub fn run_vm(config: &VmConfig, options: &HostProbeOptions) -> Result<ProbeRun,
 mod tests {
     use super::*;
 
-    /// A measurement whose lines all reloaded in `measured` and `comparison`
-    /// cycles.
-    fn m(measured: u64, comparison: u64) -> Measurement {
+    const THRESHOLD: u64 = 190;
+
+    /// A measurement of 64 lines: `slow` of the measured ones at 340
+    /// cycles, the rest at 60, and `comparison_slow` of the comparison's.
+    fn m(slow: usize, comparison_slow: usize) -> Measurement {
+        let lines = |slow: usize| {
+            let mut v = vec![340; slow];
+            v.resize(64, 60);
+            Reload::from_samples(v)
+        };
         Measurement {
-            measured: Reload::from_samples(vec![measured; 9]),
-            comparison: Reload::from_samples(vec![comparison; 9]),
+            measured: lines(slow),
+            comparison: lines(comparison_slow),
         }
     }
 
-    fn judged(attempts: u32, series: &[(u64, u64)]) -> Verdict {
+    fn judged(attempts: u32, series: &[(usize, usize)]) -> Option<Verdict> {
         let mut next = series.iter();
-        judge::<()>(attempts, 80, || Ok(next.next().map(|&(a, b)| m(a, b)))).unwrap()
+        judge::<()>(attempts, Some(THRESHOLD), || {
+            Ok(next.next().map(|&(a, b)| m(a, b)))
+        })
+        .unwrap()
+    }
+
+    fn outcome(attempts: u32, series: &[(usize, usize)]) -> Outcome {
+        judged(attempts, series).expect("offered").outcome
     }
 
     #[test]
     fn a_flush_that_does_not_evict_never_passes() {
-        // Lines still cached after the "flush": not evicted, however often
-        // it is tried.
-        let v = judged(30, &[(80, 80); 30]);
-        assert!(matches!(v, Verdict::NotEvicted { .. }), "{v}");
-        assert!(!v.passed());
+        // Lines still cached after the "flush": not evicted at once.
+        assert_eq!(outcome(30, &[(0, 0); 30]), Outcome::NotEvicted);
         // Both slow (the host evicted everything): void, so inconclusive,
         // which is not a pass either.
-        let v = judged(3, &[(400, 400); 3]);
-        assert!(matches!(v, Verdict::Inconclusive { .. }), "{v}");
+        let v = judged(3, &[(64, 64); 3]).unwrap();
+        assert_eq!(v.outcome, Outcome::Inconclusive);
+        assert_eq!(v.attempts.len(), 3);
         assert!(!v.passed());
-        // One cached comparison among void ones: a real "not evicted".
-        let v = judged(3, &[(400, 400), (90, 80), (400, 400)]);
-        assert!(matches!(v, Verdict::NotEvicted { .. }), "{v}");
-    }
-
-    #[test]
-    fn the_first_evicting_attempt_decides_and_earlier_ones_are_kept() {
-        let v = judged(5, &[(400, 400), (90, 80), (400, 100), (80, 80)]);
-        match &v {
-            Verdict::Evicted {
-                attempt, earlier, ..
-            } => {
-                assert_eq!(*attempt, 3);
-                assert_eq!(earlier, &vec![(400, 400), (90, 80)]);
-            }
-            other => panic!("{other}"),
+        // Whatever the noise, a flushed buffer that looks like its
+        // comparison never passes.
+        for slow in 0..=64 {
+            assert!(!judged(1, &[(slow, slow)]).unwrap().passed(), "{slow}");
         }
-        assert!(v.passed());
-        // Exactly twice the comparison counts.
-        assert!(judged(1, &[(160, 80)]).passed());
-        assert!(!judged(1, &[(159, 80)]).passed());
     }
 
     #[test]
-    fn not_offered_is_skipped_and_zero_attempts_still_measure_once() {
-        assert!(matches!(judged(3, &[]), Verdict::Unsupported));
-        assert!(judged(0, &[(400, 80)]).passed());
+    fn a_partial_eviction_decides_and_is_not_retried() {
+        let v = judged(10, &[(64, 64), (40, 1), (64, 0)]).unwrap();
+        assert_eq!(v.outcome, Outcome::Partial);
+        assert_eq!(v.attempts.len(), 2);
+        assert!(!v.passed());
+        // One line still cached is a partial eviction, even after evicted
+        // attempts.
+        assert_eq!(outcome(10, &[(63, 0)]), Outcome::Partial);
+        assert_eq!(
+            outcome(10, &[(64, 0), (64, 0), (63, 0), (64, 0)]),
+            Outcome::Partial
+        );
+    }
+
+    #[test]
+    fn a_pass_is_confirmed_and_void_attempts_are_kept() {
+        let v = judged(10, &[(64, 64), (64, 0), (64, 40), (64, 2), (64, 1)]).unwrap();
+        assert_eq!(v.outcome, Outcome::Evicted);
+        assert_eq!(
+            v.attempts.iter().map(|(_, a)| *a).collect::<Vec<_>>(),
+            [
+                Attempt::Void,
+                Attempt::Evicted,
+                Attempt::Void,
+                Attempt::Evicted,
+                Attempt::Evicted
+            ]
+        );
+        assert!(v.passed());
+        assert!(
+            v.to_string()
+                .contains("earlier: 64/64 vs 64/64 void, 64/64 vs 0/64 evicted,"),
+            "{v}"
+        );
+        // Two evicted attempts are not enough within the bound.
+        assert_eq!(
+            outcome(3, &[(64, 0), (64, 64), (64, 0)]),
+            Outcome::Inconclusive
+        );
+    }
+
+    #[test]
+    fn not_offered_is_none_and_no_threshold_measures_nothing() {
+        assert!(judged(3, &[]).is_none());
+        let mut calls = 0;
+        let v = judge::<()>(3, None, || {
+            calls += 1;
+            Ok(Some(m(64, 0)))
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!((v.outcome, calls), (Outcome::Inconclusive, 0));
     }
 
     #[test]
     fn a_report_is_inconclusive_only_if_nothing_failed() {
-        let report = |range_vmm| HostProbeReport {
+        let report = |range_vmm, full_alias| HostProbeReport {
             cpu: 0,
-            cached_median: 80,
-            range_alias: judged(1, &[(400, 80)]),
+            calibration: Calibration {
+                cached: 60,
+                flushed: 320,
+            },
+            range_alias: judged(3, &[(64, 0); 3]).unwrap(),
             range_vmm,
-            full_alias: Verdict::Unsupported,
-            noop_exit: m(80, 80),
+            full_alias,
+            noop_exit: m(0, 0),
         };
-        let r = report(judged(2, &[(400, 400); 2]));
+        let r = report(judged(2, &[(64, 64); 2]).unwrap(), None);
         assert!(r.inconclusive() && !r.passed());
-        let r = report(judged(2, &[(80, 80); 2]));
+        let r = report(judged(2, &[(0, 0)]).unwrap(), None);
         assert!(!r.inconclusive() && !r.passed());
-        let r = report(judged(2, &[(400, 80)]));
+        let r = report(judged(3, &[(64, 0); 3]).unwrap(), None);
         assert!(!r.inconclusive() && r.passed());
+        let r = report(judged(2, &[(64, 64); 2]).unwrap(), judged(1, &[(50, 0)]));
+        assert!(!r.inconclusive() && !r.passed());
     }
 }

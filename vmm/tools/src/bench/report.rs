@@ -1,16 +1,106 @@
 //! Turns the samples into `report.json`, `summary.md` and the charts.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
 use plotters::chart::SeriesLabelPosition;
+use serde::Serialize;
 
 use super::chart::{self, Chart, Series};
 use super::host;
-use super::json::Json;
 use super::stats::Spread;
 use super::{Phases, Plan, Samples, MIB};
+
+/// `report.json`, field by field (serde writes it; non-finite numbers
+/// become `null`).
+#[derive(Serialize)]
+struct ReportJson {
+    machine: BTreeMap<String, String>,
+    run: RunJson,
+    floor: BTreeMap<String, Spread>,
+    range: Vec<RangeRow>,
+    full_vs_guest_size: Vec<FullRow>,
+    full_vs_resident: Vec<FullRow>,
+    pause: PauseJson,
+    throughput: Vec<ThroughputRow>,
+    targets: Vec<TargetRow>,
+}
+
+#[derive(Serialize)]
+struct RunJson {
+    quick: bool,
+    rounds: usize,
+    seconds: f64,
+    tsc_ghz: f64,
+    loadavg_at_start: String,
+    units: &'static str,
+}
+
+#[derive(Serialize)]
+struct RangeRow {
+    vcpus: u32,
+    size: u64,
+    device_ns: Spread,
+    guest_clflushopt_ns: Spread,
+    host_clflushopt_ns: Spread,
+    floor_ns_p50: f64,
+    device_over_floor: f64,
+    device_gb_per_s: f64,
+    host_gb_per_s: f64,
+    guest_gb_per_s: f64,
+    engine_pause_ns_p50: f64,
+    engine_flush_ns_p50: f64,
+}
+
+/// A full flush against guest size, or (without the scan) resident size.
+#[derive(Serialize)]
+struct FullRow {
+    guest_mib: u64,
+    touched_bytes: u64,
+    device_ns: Spread,
+    flushed_bytes_p50: f64,
+    engine_pause_ns_p50: f64,
+    engine_flush_ns_p50: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    residency_scan_ns: Option<Spread>,
+}
+
+#[derive(Serialize)]
+struct PauseJson {
+    signal_round_trip_ns: Spread,
+    by_vcpus: Vec<PauseRow>,
+}
+
+#[derive(Serialize)]
+struct PauseRow {
+    vcpus: u32,
+    pause_ns: Spread,
+    over_signal_round_trip: f64,
+}
+
+#[derive(Serialize)]
+struct ThroughputRow {
+    vcpus: u32,
+    request_bytes: u64,
+    requests_per_vcpu: u64,
+    requests_per_s: Spread,
+    completed_ok: u64,
+    batches: u64,
+    requests_per_batch: Spread,
+    pause_time_share: Spread,
+}
+
+#[derive(Serialize)]
+struct TargetRow {
+    target: String,
+    measured: f64,
+    limit: f64,
+    at_most: bool,
+    met: bool,
+    why: String,
+}
 
 /// One target and its verdict.
 struct Target {
@@ -100,20 +190,20 @@ pub fn write(
             let guest = spread(s.range_guest.get(&(vcpus, size)));
             let hostt = spread(s.range_host.get(&size));
             let (pause, flush, _) = phase_medians(s.range_phases.get(&(vcpus, size)));
-            range_json.push(Json::obj([
-                ("vcpus", Json::num(vcpus)),
-                ("size", Json::num(size as f64)),
-                ("device_ns", Json::spread(dev)),
-                ("guest_clflushopt_ns", Json::spread(guest)),
-                ("host_clflushopt_ns", Json::spread(hostt)),
-                ("floor_ns_p50", Json::Num(floor)),
-                ("device_over_floor", Json::Num(dev.p50 / floor)),
-                ("device_gb_per_s", Json::Num(gbps(size, dev.p50))),
-                ("host_gb_per_s", Json::Num(gbps(size, hostt.p50))),
-                ("guest_gb_per_s", Json::Num(gbps(size, guest.p50))),
-                ("engine_pause_ns_p50", Json::Num(pause)),
-                ("engine_flush_ns_p50", Json::Num(flush)),
-            ]));
+            range_json.push(RangeRow {
+                vcpus,
+                size,
+                device_ns: dev,
+                guest_clflushopt_ns: guest,
+                host_clflushopt_ns: hostt,
+                floor_ns_p50: floor,
+                device_over_floor: dev.p50 / floor,
+                device_gb_per_s: gbps(size, dev.p50),
+                host_gb_per_s: gbps(size, hostt.p50),
+                guest_gb_per_s: gbps(size, guest.p50),
+                engine_pause_ns_p50: pause,
+                engine_flush_ns_p50: flush,
+            });
             if size <= 4096 {
                 targets.push(Target {
                     name: format!("range {} on {vcpus} vCPU(s) ≤ 1.3× MMIO floor", size_name(size)),
@@ -180,30 +270,28 @@ pub fn write(
     let mut full_json = Vec::new();
     for (&mib, v) in &s.full_dev {
         let (pause, flush, bytes) = phase_medians(s.full_phases.get(&mib));
-        full_json.push(Json::obj([
-            ("guest_mib", Json::num(mib as f64)),
-            ("touched_bytes", Json::num(plan.full_touch as f64)),
-            ("device_ns", Json::spread(Spread::of(v))),
-            ("flushed_bytes_p50", Json::Num(bytes)),
-            ("engine_pause_ns_p50", Json::Num(pause)),
-            ("engine_flush_ns_p50", Json::Num(flush)),
-            (
-                "residency_scan_ns",
-                Json::spread(spread(s.full_scan.get(&mib))),
-            ),
-        ]));
+        full_json.push(FullRow {
+            guest_mib: mib,
+            touched_bytes: plan.full_touch,
+            device_ns: Spread::of(v),
+            flushed_bytes_p50: bytes,
+            engine_pause_ns_p50: pause,
+            engine_flush_ns_p50: flush,
+            residency_scan_ns: Some(spread(s.full_scan.get(&mib))),
+        });
     }
     let mut resident_json = Vec::new();
     for (&touch, v) in &s.resident_dev {
         let (pause, flush, bytes) = phase_medians(s.resident_phases.get(&touch));
-        resident_json.push(Json::obj([
-            ("guest_mib", Json::num(plan.resident_guest_mib as f64)),
-            ("touched_bytes", Json::num(touch as f64)),
-            ("device_ns", Json::spread(Spread::of(v))),
-            ("flushed_bytes_p50", Json::Num(bytes)),
-            ("engine_pause_ns_p50", Json::Num(pause)),
-            ("engine_flush_ns_p50", Json::Num(flush)),
-        ]));
+        resident_json.push(FullRow {
+            guest_mib: plan.resident_guest_mib,
+            touched_bytes: touch,
+            device_ns: Spread::of(v),
+            flushed_bytes_p50: bytes,
+            engine_pause_ns_p50: pause,
+            engine_flush_ns_p50: flush,
+            residency_scan_ns: None,
+        });
     }
     if let Some((&largest, v)) = s.full_dev.iter().next_back() {
         let full = Spread::of(v).p50;
@@ -244,11 +332,11 @@ pub fn write(
     let mut pause_json = Vec::new();
     for (&vcpus, v) in &s.pause {
         let p = Spread::of(v);
-        pause_json.push(Json::obj([
-            ("vcpus", Json::num(vcpus)),
-            ("pause_ns", Json::spread(p)),
-            ("over_signal_round_trip", Json::Num(p.p50 / signal.p50)),
-        ]));
+        pause_json.push(PauseRow {
+            vcpus,
+            pause_ns: p,
+            over_signal_round_trip: p.p50 / signal.p50,
+        });
         let cores = machine
             .iter()
             .find(|(k, _)| k == "logical_cpus")
@@ -298,82 +386,61 @@ pub fn write(
             Spread::of(&pause_share),
         );
         tput_rows.push((vcpus, rps, per_batch, share, ok, batches));
-        tput_json.push(Json::obj([
-            ("vcpus", Json::num(vcpus)),
-            ("request_bytes", Json::num(plan.tput_size as f64)),
-            ("requests_per_vcpu", Json::num(plan.tput_requests as f64)),
-            ("requests_per_s", Json::spread(rps)),
-            ("completed_ok", Json::num(ok as f64)),
-            ("batches", Json::num(batches as f64)),
-            ("requests_per_batch", Json::spread(per_batch)),
-            ("pause_time_share", Json::spread(share)),
-        ]));
+        tput_json.push(ThroughputRow {
+            vcpus,
+            request_bytes: plan.tput_size,
+            requests_per_vcpu: plan.tput_requests,
+            requests_per_s: rps,
+            completed_ok: ok,
+            batches,
+            requests_per_batch: per_batch,
+            pause_time_share: share,
+        });
     }
 
     // ---- JSON -----------------------------------------------------------------
-    let target_json: Vec<Json> = targets
-        .iter()
-        .map(|t| {
-            Json::obj([
-                ("target", Json::str(t.name.clone())),
-                ("measured", Json::Num(t.measured)),
-                ("limit", Json::Num(t.limit)),
-                ("at_most", Json::Bool(t.at_most)),
-                ("met", Json::Bool(t.met())),
-                (
-                    "why",
-                    Json::str(if t.met() {
-                        String::new()
-                    } else {
-                        t.why.clone()
-                    }),
-                ),
-            ])
-        })
-        .collect();
-    let floor_json = Json::obj(
-        s.floor
+    let report = ReportJson {
+        machine: machine.iter().cloned().collect(),
+        run: RunJson {
+            quick,
+            rounds: plan.rounds,
+            seconds: elapsed.as_secs_f64(),
+            tsc_ghz: s.tsc_per_ns,
+            loadavg_at_start: s.load_at_start.clone(),
+            units: "nanoseconds; bandwidth in GB/s (1e9 B/s)",
+        },
+        floor: s
+            .floor
             .iter()
-            .map(|(v, f)| (format!("vcpus_{v}"), Json::spread(Spread::of(f)))),
-    );
-    let report = Json::obj([
-        (
-            "machine",
-            Json::obj(
-                machine
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Json::str(v.clone()))),
-            ),
-        ),
-        (
-            "run",
-            Json::obj([
-                ("quick", Json::Bool(quick)),
-                ("rounds", Json::num(plan.rounds as f64)),
-                ("seconds", Json::Num(elapsed.as_secs_f64())),
-                ("tsc_ghz", Json::Num(s.tsc_per_ns)),
-                ("loadavg_at_start", Json::str(s.load_at_start.clone())),
-                (
-                    "units",
-                    Json::str("nanoseconds; bandwidth in GB/s (1e9 B/s)"),
-                ),
-            ]),
-        ),
-        ("floor", floor_json),
-        ("range", Json::Arr(range_json)),
-        ("full_vs_guest_size", Json::Arr(full_json)),
-        ("full_vs_resident", Json::Arr(resident_json)),
-        (
-            "pause",
-            Json::obj([
-                ("signal_round_trip_ns", Json::spread(signal)),
-                ("by_vcpus", Json::Arr(pause_json)),
-            ]),
-        ),
-        ("throughput", Json::Arr(tput_json)),
-        ("targets", Json::Arr(target_json)),
-    ]);
-    std::fs::write(out.join("report.json"), format!("{report}\n"))?;
+            .map(|(v, f)| (format!("vcpus_{v}"), Spread::of(f)))
+            .collect(),
+        range: range_json,
+        full_vs_guest_size: full_json,
+        full_vs_resident: resident_json,
+        pause: PauseJson {
+            signal_round_trip_ns: signal,
+            by_vcpus: pause_json,
+        },
+        throughput: tput_json,
+        targets: targets
+            .iter()
+            .map(|t| TargetRow {
+                target: t.name.clone(),
+                measured: t.measured,
+                limit: t.limit,
+                at_most: t.at_most,
+                met: t.met(),
+                why: if t.met() {
+                    String::new()
+                } else {
+                    t.why.clone()
+                },
+            })
+            .collect(),
+    };
+    let mut text = serde_json::to_string_pretty(&report)?;
+    text.push('\n');
+    std::fs::write(out.join("report.json"), text)?;
 
     // ---- charts ----------------------------------------------------------------
     let pts = |f: &dyn Fn(u64) -> f64| -> Vec<(f64, f64)> {
@@ -537,7 +604,7 @@ pub fn write(
     writeln!(w, "# Cache-flush service benchmark\n")?;
     writeln!(
         w,
-        "`vmm bench{}`: {} round(s), {:.0} s, every comparison in this one run (variants interleaved per round). Medians, with p10–p90 in brackets; guest timings by `rdtsc` in guest ring 3 (TSC {:.3} GHz, measured by the host). Load average when the run started: `{}` (anything else running on the host's CPUs skews these figures). Raw figures: [report.json](report.json).\n",
+        "`vmm-tools bench{}`: {} round(s), {:.0} s, every comparison in this one run (variants interleaved per round). Medians, with p10–p90 in brackets; guest timings by `rdtsc` in guest ring 3 (TSC {:.3} GHz, measured by the host). Load average when the run started: `{}` (anything else running on the host's CPUs skews these figures). Raw figures: [report.json](report.json).\n",
         if quick { " --quick" } else { "" },
         plan.rounds,
         elapsed.as_secs_f64(),

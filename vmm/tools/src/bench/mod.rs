@@ -1,4 +1,4 @@
-//! `vmm bench`: boots benchmark guests (the bundled kernel's `bench`
+//! `vmm-tools bench`: boots benchmark guests (the bundled kernel's `bench`
 //! scenario and `spin`) through the library, measures the cache-flush service
 //! against its peers in the same run, and writes `report.json`,
 //! `summary.md` and SVG charts.
@@ -12,7 +12,6 @@
 mod chart;
 pub mod guest;
 pub mod host;
-mod json;
 mod report;
 pub mod stats;
 
@@ -20,9 +19,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::vm::{Vm, VmConfig};
+use vmm::vm::{Vm, VmConfig};
 
-/// What `vmm bench` was asked for.
+/// What `vmm-tools bench` was asked for.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     /// Where the report goes (created if missing).
@@ -336,7 +335,7 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
     Ok(summary)
 }
 
-fn phases(f: &crate::flush_engine::FlushRecord) -> Phases {
+fn phases(f: &vmm::flush_engine::FlushRecord) -> Phases {
     Phases {
         bytes: f.bytes,
         pause_ns: f.pause_ns as f64,
@@ -352,7 +351,7 @@ fn pause_latencies(vcpus: u32, iters: usize) -> Result<Vec<f64>, Box<dyn std::er
         memory_mib: 16,
         cmdline: "scenario=spin".into(),
         serial_out: Some(Default::default()),
-        ..VmConfig::new(crate::BUNDLED_GUEST_KERNEL.to_vec())
+        ..VmConfig::new(vmm::BUNDLED_GUEST_KERNEL.to_vec())
     };
     let running = Vm::new(&config)?.start()?;
     // Let every vCPU reach its ring-3 loop.
@@ -362,7 +361,7 @@ fn pause_latencies(vcpus: u32, iters: usize) -> Result<Vec<f64>, Box<dyn std::er
         let start = Instant::now();
         let guard = running
             .control()
-            .pause_all(crate::flush_engine::PAUSE_TIMEOUT)?;
+            .pause_all(vmm::flush_engine::PAUSE_TIMEOUT)?;
         samples.push(start.elapsed().as_nanos() as f64);
         drop(guard);
         std::thread::sleep(Duration::from_millis(3));

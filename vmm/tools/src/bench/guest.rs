@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use devices::cache_flush::metrics::MetricsSnapshot;
 
-use crate::flush_engine::{FlushPhase, FlushRecord};
-use crate::vcpu::VmOutcome;
-use crate::vm::{Vm, VmConfig};
+use vmm::flush_engine::{FlushPhase, FlushRecord};
+use vmm::vcpu::VmOutcome;
+use vmm::vm::{Vm, VmConfig};
 
 /// One `bench:` line: its kind and its `key=value` numbers.
 #[derive(Clone, Debug)]
@@ -69,7 +69,7 @@ pub fn run(vcpus: u32, memory_mib: u64, args: &str) -> Result<GuestRun, String> 
         memory_mib,
         cmdline: format!("scenario=bench {args}"),
         serial_out: Some(sink.clone()),
-        ..VmConfig::new(crate::BUNDLED_GUEST_KERNEL.to_vec())
+        ..VmConfig::new(vmm::BUNDLED_GUEST_KERNEL.to_vec())
     };
     let start = Instant::now();
     let vm = Vm::new(&config).map_err(|e| format!("VM set-up: {e}"))?;
@@ -103,7 +103,7 @@ pub fn run(vcpus: u32, memory_mib: u64, args: &str) -> Result<GuestRun, String> 
         (0..3)
             .filter_map(|_| {
                 let start = Instant::now();
-                crate::flush_engine::resident::resident_extents(&memory).ok()?;
+                vmm::flush_engine::resident::resident_extents(&memory).ok()?;
                 Some(start.elapsed().as_nanos() as f64)
             })
             .collect()
