@@ -139,6 +139,7 @@ fn run(cli: Cli) -> Result<VmOutcome, Box<dyn std::error::Error>> {
         handle_signals: true,
         serial_out: None,
         notify: cli.notify,
+        engine: Default::default(),
         audit: cli.audit,
     };
     let vm = Vm::new(&config)?;

@@ -85,6 +85,8 @@ pub struct VmConfig {
     pub serial_out: Option<Arc<Mutex<Vec<u8>>>>,
     /// Where the guest's QueueNotify to the cache-flush device is served.
     pub notify: NotifyPath,
+    /// The flush engine's deadlines and its inline-flush threshold.
+    pub engine: flush_engine::EngineConfig,
     /// Keep the dirty-page audit ([`crate::audit`]): KVM dirty logging on
     /// guest RAM, costing a write-protect fault per first write per page
     /// after each flush. Off by default.
@@ -107,6 +109,7 @@ impl VmConfig {
             handle_signals: false,
             serial_out: None,
             notify: NotifyPath::default(),
+            engine: flush_engine::EngineConfig::default(),
             audit: false,
         }
     }
@@ -558,7 +561,8 @@ fn attach_cache_flush(
     control: &Arc<VcpuControl>,
     mmio: &mut Bus,
 ) -> Result<(CacheFlushService, DeviceEntry), VmError> {
-    let engine = FlushEngine::new(control.clone(), Arc::new(ram.memory.clone()));
+    let engine = FlushEngine::new(control.clone(), Arc::new(ram.memory.clone()))
+        .with_config(config.engine);
     let (full_flush_cost_ns, full_break_even_bytes) = engine.measure_full_flush();
     let settings = CacheFlushSettings {
         full_flush_cost_ns,
