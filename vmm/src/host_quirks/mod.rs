@@ -176,13 +176,17 @@ const EXT1_ECX_HIDDEN: u32 = (1 << 5) | (1 << 8);
 
 /// Parameters that keep an interpreted ring 0 off slow or unsupported paths.
 /// `lpj` skips the delay-loop calibration (its value only scales `udelay`
-/// before the TSC takes over).
+/// before the TSC takes over). The blacklisted initcall checks every ftrace
+/// record (~37,000 kallsyms lookups) for weak functions: interpreted, it held
+/// CPU 0 for 3 minutes (soft-lockup reports), stalling RCU and with it the
+/// rest of the boot; only the function tracer needs its result.
 const SPEED_PARAMETERS: &[&str] = &[
     "mitigations=off",
     "tsc=reliable",
     "no_timer_check",
     "lpj=2600000",
     "cryptomgr.notests",
+    "initcall_blacklist=ftrace_check_for_weak_functions",
 ];
 
 /// The longest `clearcpuid=` value Linux 6.1 reads (`char arg[128]`).
@@ -339,7 +343,8 @@ mod tests {
         let b = "b".repeat(64);
         assert_eq!(clearcpuid_value(&[&a, &b]).1, vec![b.as_str()]);
         // Once a name is left out, shorter later ones are too: order is need.
-        let (v, d) = clearcpuid_value(&[&a, &"c".repeat(70), "x"]);
+        let long = "c".repeat(70);
+        let (v, d) = clearcpuid_value(&[&a, &long, "x"]);
         assert_eq!(v, a);
         assert_eq!(d.len(), 2);
     }

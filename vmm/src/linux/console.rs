@@ -31,10 +31,11 @@ pub enum ConsoleEvent {
 pub fn classify(line: &str) -> Option<ConsoleEvent> {
     if line.contains("Run /init as init process") {
         Some(ConsoleEvent::InitStarting)
+    } else if line.contains("---[ end Kernel panic") {
+        // Checked first: the end line repeats the panic line's words.
+        Some(ConsoleEvent::PanicEnd)
     } else if let Some((_, msg)) = line.split_once("Kernel panic - not syncing: ") {
         Some(ConsoleEvent::Panic(msg.trim_end().to_string()))
-    } else if line.contains("---[ end Kernel panic") {
-        Some(ConsoleEvent::PanicEnd)
     } else if line.contains("reboot: Power down") {
         Some(ConsoleEvent::Stopped("powered off"))
     } else if line.contains("reboot: System halted") {

@@ -335,7 +335,12 @@ pub fn write_boot(memory: &GuestMemoryMmap, setup: &LinuxBootSetup<'_>) -> Resul
 
     if let Some(initrd) = setup.initrd {
         let low_end = setup.ram.first().map(|r| r.base + r.size).unwrap_or(0);
-        let mut top = low_end.min(u64::from(params.hdr.initrd_addr_max) + 1);
+        // Headers before protocol 2.03 leave the field 0: their limit.
+        let addr_max = match params.hdr.initrd_addr_max {
+            0 => 0x37ff_ffff,
+            n => n,
+        };
+        let mut top = low_end.min(u64::from(addr_max) + 1);
         if let Some((start, _)) = setup.reserved {
             top = top.min(start);
         }
