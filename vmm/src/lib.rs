@@ -11,6 +11,10 @@
 //! * [`flush_engine`]: the pause-all flush engine behind the cache-flush
 //!   device (its own crate, `devices/flush-engine`, instantiated here).
 //! * [`metrics`]: `--metrics` JSON.
+//! * [`linux`]: booting a stock Linux kernel (bzImage or vmlinux, ACPI,
+//!   console watch).
+//! * [`host_quirks`]: work-arounds for hosts whose KVM interprets guest
+//!   ring 0, for Linux guests only.
 //! * [`vm`]: puts it all together and runs the control loop.
 //!
 //! The benchmark and the host-side Flush+Reload probe are tools built on this
@@ -32,6 +36,8 @@ pub mod flush_engine {
         std::sync::Arc<vm_memory::GuestMemoryMmap>,
     >;
 }
+pub mod host_quirks;
+pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod metrics;

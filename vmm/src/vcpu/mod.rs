@@ -177,6 +177,8 @@ pub struct Vcpu {
     outcome: Arc<OutcomeSink>,
     stats: Arc<VcpuStats>,
     halted: Arc<AtomicU64>,
+    /// Host quirks this vCPU applies (Linux guests on hosts that need them).
+    quirks: Option<Arc<crate::host_quirks::VcpuQuirks>>,
 }
 
 /// Unclaimed accesses are logged for the first few, then every this many, so
@@ -203,7 +205,14 @@ impl Vcpu {
             outcome,
             stats,
             halted,
+            quirks: None,
         }
+    }
+
+    /// Applies `quirks` after this vCPU's exits (see [`crate::host_quirks`]).
+    pub fn with_quirks(mut self, quirks: Arc<crate::host_quirks::VcpuQuirks>) -> Self {
+        self.quirks = Some(quirks);
+        self
     }
 
     /// The thread body: runs until the guest ends, the VM crashes or the
@@ -247,8 +256,15 @@ impl Vcpu {
             self.control.after_run(self.index);
             let step = match dispatch(self.index, &self.buses, &self.stats, result) {
                 Ok(step) => step,
+                Err(Conclusion::InternalError) if self.complete_emulation_gap() => Step::Continue {
+                    io: false,
+                    notify: None,
+                },
                 Err(conclusion) => self.conclude(conclusion),
             };
+            if let Some(quirks) = &self.quirks {
+                quirks.after_exit(&self.fd, self.index);
+            }
             match step {
                 Step::Continue { io, notify } => {
                     pending_io = io;
@@ -262,6 +278,14 @@ impl Vcpu {
                 }
                 Step::Stop => break,
             }
+        }
+    }
+
+    /// An emulation failure the host quirks know how to complete.
+    fn complete_emulation_gap(&mut self) -> bool {
+        match self.quirks.clone() {
+            Some(quirks) => quirks.complete_emulation_gap(&mut self.fd, self.index),
+            None => false,
         }
     }
 
