@@ -149,7 +149,7 @@ impl Plan {
             }
         } else {
             Self {
-                rounds: 3,
+                rounds: 5,
                 range_reps: 10,
                 range_max: 64 * MIB,
                 full_guest_mib: vec![256, 1024, 4096, 8192],
@@ -164,7 +164,7 @@ impl Plan {
                 tput_requests: 200,
                 tput_size: 4096,
                 cross_min: 64 * 1024,
-                cross_max: 16 * MIB,
+                cross_max: 64 * MIB,
                 cross_reps: 10,
             }
         }
