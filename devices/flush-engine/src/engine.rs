@@ -47,12 +47,12 @@ pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The default [`EngineConfig::inline_max_bytes`], measured by
 /// `vmm-tools bench` (its crossover section: range flushes on 2 vCPUs,
 /// always inline against always split, 64 KiB to 64 MiB): splitting never
-/// won in any of four full runs on these 2-CPU hosts (two up to 16 MiB, two
-/// up to 64 MiB; median flush phase, the part the setting changes; one run
-/// had split ahead by 2% at 4 MiB alone). Handing a share to the parked
-/// vCPU thread costs ~15-25 µs, and two host threads flush no faster than
-/// one (memory bandwidth, not cores, bounds CLFLUSHOPT here), so at 64 MiB
-/// the split flush phase took 7.72 ms against 3.67 ms inline
+/// won in any of five full runs on these 2-CPU hosts (two up to 16 MiB,
+/// three up to 64 MiB; median flush phase, the part the setting changes;
+/// one run had split ahead by 2% at 4 MiB alone). Handing a share to the
+/// parked vCPU thread costs ~15-25 µs, and two host threads flush no faster
+/// than one (memory bandwidth, not cores, bounds CLFLUSHOPT here), so at
+/// 64 MiB the split flush phase took 7.87 ms against 3.62 ms inline
 /// (`resources/bench/summary.md`). 64 MiB is the
 /// largest size measured, not a proven crossover: larger batches (full
 /// flushes of much resident memory) are still split.

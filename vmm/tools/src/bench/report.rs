@@ -384,7 +384,8 @@ pub fn write(
             let (pause, flush, _) = phase_medians(s.range_phases.get(&(path, vcpus, size)));
             let fixed = dev(path, vcpus, 64).p50;
             let phase_ratio = hostt / flush.max(1.0);
-            let outside = (d - pause - flush).max(0.0);
+            let plan_ns = plan_median(s.range_phases.get(&(path, vcpus, size)));
+            let outside = (d - plan_ns - pause - flush).max(0.0);
             let p10 = dev(path, vcpus, size).p10;
             let phase_text = if phase_ratio < 0.9 {
                 if threads > 1 {
@@ -402,7 +403,8 @@ pub fn write(
                 format!("the flush phase keeps up with the peer ({phase_ratio:.2}×)")
             };
             let limit_text = format!(
-                "{phase_text}; outside the engine's pause and flush phases the request spent {} (one exit is {}, a whole 64 B request {}){}",
+                "{phase_text}; planning took {}, and outside the engine's timed phases the request spent {} (one exit is {}, a whole 64 B request {}; after the flush the engine logs the batch, answers and resumes, none of it timed separately){}",
+                us(plan_ns),
                 us(outside),
                 us(floor(path, vcpus)),
                 us(fixed),
