@@ -31,6 +31,7 @@ fn quick_bench_writes_a_complete_report() {
         "full_vs_resident.svg",
         "pause.svg",
         "throughput.svg",
+        "crossover.svg",
     ] {
         let path = dir.join(file);
         let len = std::fs::metadata(&path)
@@ -50,7 +51,9 @@ fn quick_bench_writes_a_complete_report() {
         "full_vs_resident",
         "pause",
         "throughput",
+        "crossover",
         "targets",
+        "notify_paths",
     ] {
         assert!(
             report.get(section).is_some(),
@@ -78,8 +81,43 @@ fn quick_bench_writes_a_complete_report() {
     assert!(report["pause"]["signal_round_trip_ns"]["p50"].is_number());
     for target in report["targets"].as_array().into_iter().flatten() {
         assert!(target["met"].is_boolean(), "{target}");
+        assert!(target["judged"].is_boolean(), "{target}");
     }
+    // Both notify paths, in the range rows and in the throughput rows.
+    for key in ["range", "throughput"] {
+        for notify in ["vcpu", "ioeventfd"] {
+            assert!(
+                report[key]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|row| row["notify"] == notify),
+                "no `{key}` row with notify={notify}:\n{text}"
+            );
+        }
+    }
+    // The crossover: a row per size, each with both settings measured.
+    let rows = report["crossover"]["rows"]
+        .as_array()
+        .expect("crossover.rows is an array");
+    assert!(rows.len() >= 2, "{text}");
+    for row in rows {
+        for key in ["inline_device_ns", "split_device_ns"] {
+            assert!(
+                row[key]["n"].as_u64().is_some_and(|n| n > 0),
+                "crossover row without `{key}` samples: {row}"
+            );
+        }
+    }
+    assert!(report["crossover"]["default_inline_max_bytes"].is_u64());
+    assert!(report["notify_paths"]["ioeventfd_wins"].is_array());
     let summary = std::fs::read_to_string(dir.join("summary.md")).expect("summary.md reads");
-    assert!(summary.contains("## Targets"), "{summary}");
+    for heading in [
+        "## Targets",
+        "## Notify paths side by side",
+        "## Inline flush or split: the crossover",
+    ] {
+        assert!(summary.contains(heading), "no `{heading}`:\n{summary}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

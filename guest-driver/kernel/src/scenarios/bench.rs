@@ -2,8 +2,10 @@
 //! `bench: KIND key=value ...` lines (TSC cycles) for the VMM to parse; the
 //! VMM does the statistics. `part=` chooses what is measured:
 //!
-//! * `part=range max=BYTES reps=N`: vCPU 0, for every size of 64 B, 4 KiB,
-//!   64 KiB, 1 MiB, 16 MiB, 64 MiB up to `max`, `reps` times (sizes
+//! * `part=range max=BYTES reps=N [min=BYTES] [ladder=pow2]`: vCPU 0, for
+//!   every size of 64 B, 4 KiB, 64 KiB, 1 MiB, 16 MiB, 64 MiB from `min` up
+//!   to `max` (with `ladder=pow2`: every power of two from `min` to `max`,
+//!   the finer ladder the inline/split crossover needs), `reps` times (sizes
 //!   interleaved): one no-op exit (the MMIO floor: a read of the device's
 //!   MagicValue), one range flush through the device and the guest's own
 //!   ring-3 CLFLUSHOPT loop over the same freshly dirtied bytes. One line
@@ -66,13 +68,38 @@ fn range(env: &Env, flush: &Flush) -> Outcome {
         (Ok(max), Ok(reps)) => (max, reps),
         (Err(o), _) | (_, Err(o)) => return o,
     };
+    let min = match env.option_u64("min", 64) {
+        Ok(min) => min.max(1),
+        Err(o) => return o,
+    };
+    let ladder = match env.cmdline.get("ladder") {
+        None | Some("table") => false,
+        Some("pow2") => true,
+        Some(other) => return env.bad_option(format_args!("ladder={other}: expected table or pow2")),
+    };
+    // The sizes, smallest first: the fixed table, or powers of two.
+    let mut sizes = [0u64; 64];
+    let mut count = 0;
+    if ladder {
+        let mut size = min.next_power_of_two();
+        while size <= max && count < sizes.len() {
+            sizes[count] = size;
+            count += 1;
+            size *= 2;
+        }
+    } else {
+        for &size in SIZES.iter().filter(|&&s| (min..=max).contains(&s)) {
+            sizes[count] = size;
+            count += 1;
+        }
+    }
     let line = u64::from(flush.config().cache_line_size.max(16));
     let buffer = match Scratch::new(env.boot_info).take(max.max(64), 2 * MIB) {
         Ok(base) => base,
         Err(e) => return crate::fail!("bench: FAILED: {e}"),
     };
     for rep in 0..reps {
-        for &size in SIZES.iter().filter(|&&s| s <= max) {
+        for &size in &sizes[..count] {
             let floor = timed(|| flush.noop_exit()).1;
             // Alternate which of the two flushes goes first.
             let mut dev = 0;

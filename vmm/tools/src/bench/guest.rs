@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use devices::cache_flush::metrics::MetricsSnapshot;
 
-use vmm::flush_engine::{FlushPhase, FlushRecord};
+use vmm::flush_engine::{EngineConfig, FlushPhase, FlushRecord};
 use vmm::vcpu::VmOutcome;
-use vmm::vm::{Vm, VmConfig};
+use vmm::vm::{NotifyPath, Vm, VmConfig};
 
 /// One `bench:` line: its kind and its `key=value` numbers.
 #[derive(Clone, Debug)]
@@ -60,15 +60,31 @@ pub fn parse(output: &str) -> Vec<Line> {
         .collect()
 }
 
+/// How the VMM serves the guest's flushes in one bench boot: the variants a
+/// run compares side by side.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Variant {
+    /// Where a QueueNotify is served.
+    pub notify: NotifyPath,
+    /// `EngineConfig::inline_max_bytes`; `None` keeps the engine's default.
+    pub inline_max_bytes: Option<u64>,
+}
+
 /// Boots the bundled guest with `scenario=bench` and `args`, waits for it,
 /// and fails with the guest's own output if it did not succeed.
-pub fn run(vcpus: u32, memory_mib: u64, args: &str) -> Result<GuestRun, String> {
+pub fn run(vcpus: u32, memory_mib: u64, args: &str, variant: Variant) -> Result<GuestRun, String> {
+    let mut engine = EngineConfig::default();
+    if let Some(bytes) = variant.inline_max_bytes {
+        engine.inline_max_bytes = bytes;
+    }
     let sink = Arc::new(Mutex::new(Vec::new()));
     let config = VmConfig {
         vcpus,
         memory_mib,
         cmdline: format!("scenario=bench {args}"),
         serial_out: Some(sink.clone()),
+        notify: variant.notify,
+        engine,
         ..VmConfig::new(vmm::BUNDLED_GUEST_KERNEL.to_vec())
     };
     let start = Instant::now();

@@ -49,6 +49,62 @@ impl HostBuffer {
         unsafe { cache_ops::flush_range(self.instruction, self.buf.as_ptr(), len, self.line) };
         start.elapsed().as_nanos() as f64
     }
+
+    /// Dirties the first `len` bytes, then flushes them split over
+    /// `threads` host threads, one contiguous share each (what the engine
+    /// does over parked vCPU threads); nanoseconds from the first share's
+    /// start to the last share's end. The threads are started and lined up
+    /// on a barrier before the clock starts, so thread creation is not
+    /// counted: the peer is the bandwidth of `threads` cores, nothing else.
+    pub fn flush_ns_threads(&mut self, len: usize, pass: u8, threads: usize) -> f64 {
+        if threads <= 1 {
+            return self.flush_ns(len, pass);
+        }
+        let len = len.min(self.buf.len());
+        self.buf[..len].fill(pass);
+        let share = len.div_ceil(threads).next_multiple_of(self.line);
+        let base = self.buf.as_ptr() as usize;
+        let (instruction, line) = (self.instruction, self.line);
+        let barrier = std::sync::Barrier::new(threads);
+        let spans: Vec<(Instant, Instant)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|i| {
+                    let barrier = &barrier;
+                    let offset = (i * share).min(len);
+                    let end = ((i + 1) * share).min(len);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        let start = Instant::now();
+                        // SAFETY: `[base + offset, base + end)` lies inside
+                        // `self.buf`; `self` is borrowed for this whole call
+                        // and the scope joins every thread before it ends, so
+                        // the buffer stays mapped while any share is flushed.
+                        unsafe {
+                            cache_ops::flush_range(
+                                instruction,
+                                (base + offset) as *const u8,
+                                end - offset,
+                                line,
+                            )
+                        };
+                        (start, Instant::now())
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        let first = spans.iter().map(|s| s.0).min();
+        let last = spans.iter().map(|s| s.1).max();
+        match (first, last) {
+            (Some(first), Some(last)) => last.duration_since(first).as_nanos() as f64,
+            _ => f64::NAN,
+        }
+    }
+}
+
+/// Host CPUs this process may run on (the cores a split flush can use).
+pub fn host_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 static SIGNALLED: AtomicBool = AtomicBool::new(false);

@@ -4,10 +4,12 @@
 //! `summary.md` and SVG charts.
 //!
 //! Every comparison is taken in one run, with the variants interleaved:
-//! each round boots every guest once (range on 1 and 2 vCPUs, full flushes on
-//! every guest size and resident size, pause on 1..4 vCPUs, throughput) and
-//! runs the host-side peers (a host thread's CLFLUSHOPT, one signal round
-//! trip) between them; figures are medians with p10/p90 over all rounds.
+//! each round boots every guest once (range on 1 and 2 vCPUs with both notify
+//! paths, the inline/split crossover on 2 vCPUs, full flushes on every guest
+//! size and resident size, pause on 1..4 vCPUs, throughput with both notify
+//! paths) and runs the host-side peers (CLFLUSHOPT on 1 and on min(2, host
+//! CPUs) host threads, one signal round trip) between them; figures are
+//! medians with p10/p90 over all rounds.
 
 mod chart;
 pub mod guest;
@@ -19,7 +21,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vmm::vm::{Vm, VmConfig};
+use vmm::vm::{NotifyPath, Vm, VmConfig};
+
+use guest::Variant;
 
 /// What `vmm-tools bench` was asked for.
 #[derive(Clone, Debug)]
@@ -31,6 +35,55 @@ pub struct BenchOptions {
 }
 
 const MIB: u64 = 1 << 20;
+
+/// The notify path of a measurement, as a map key (the targets are judged
+/// on [`Notify::Vcpu`], the default; [`Notify::Ioeventfd`] is shown beside it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Notify {
+    /// `NotifyPath::Vcpu`: served on the notifying vCPU's thread.
+    Vcpu,
+    /// `NotifyPath::Ioeventfd`: served by the control loop's thread.
+    Ioeventfd,
+}
+
+impl Notify {
+    /// Both, the default first.
+    pub const ALL: [Notify; 2] = [Notify::Vcpu, Notify::Ioeventfd];
+
+    /// The VMM's setting.
+    pub fn notify(self) -> NotifyPath {
+        match self {
+            Notify::Vcpu => NotifyPath::Vcpu,
+            Notify::Ioeventfd => NotifyPath::Ioeventfd,
+        }
+    }
+
+    /// The name the CLI and the report use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Notify::Vcpu => "vcpu",
+            Notify::Ioeventfd => "ioeventfd",
+        }
+    }
+}
+
+/// The crossover runs' two engine settings: always inline, always split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Split {
+    /// `inline_max_bytes = u64::MAX`: the controlling thread flushes alone.
+    Inline,
+    /// `inline_max_bytes = 0`: every batch is split over the paused vCPUs.
+    Split,
+}
+
+impl Split {
+    fn inline_max_bytes(self) -> u64 {
+        match self {
+            Split::Inline => u64::MAX,
+            Split::Split => 0,
+        }
+    }
+}
 
 /// The sizes and counts of one bench run.
 #[derive(Clone, Debug)]
@@ -63,6 +116,12 @@ pub struct Plan {
     pub tput_requests: u64,
     /// Throughput: bytes per request.
     pub tput_size: u64,
+    /// Crossover: smallest and largest size (powers of two between).
+    pub cross_min: u64,
+    /// See `cross_min`.
+    pub cross_max: u64,
+    /// Crossover: repeats of each size within one guest boot.
+    pub cross_reps: u64,
 }
 
 impl Plan {
@@ -84,10 +143,13 @@ impl Plan {
                 tput_vcpus: vec![1, 2],
                 tput_requests: 20,
                 tput_size: 4096,
+                cross_min: 64 * 1024,
+                cross_max: 4 * MIB,
+                cross_reps: 3,
             }
         } else {
             Self {
-                rounds: 3,
+                rounds: 5,
                 range_reps: 10,
                 range_max: 64 * MIB,
                 full_guest_mib: vec![256, 1024, 4096, 8192],
@@ -101,6 +163,9 @@ impl Plan {
                 tput_vcpus: vec![1, 2, 4],
                 tput_requests: 200,
                 tput_size: 4096,
+                cross_min: 64 * 1024,
+                cross_max: 64 * MIB,
+                cross_reps: 10,
             }
         }
     }
@@ -112,6 +177,18 @@ impl Plan {
             .filter(|&s| s <= self.range_max)
             .collect()
     }
+
+    /// The crossover sizes: powers of two from `cross_min` to `cross_max`.
+    pub fn cross_sizes(&self) -> Vec<u64> {
+        std::iter::successors(Some(self.cross_min), |&s| Some(s * 2))
+            .take_while(|&s| s <= self.cross_max)
+            .collect()
+    }
+
+    /// Host threads the N-vCPU bandwidth peer uses: min(N, host CPUs).
+    pub fn host_threads(vcpus: u32) -> usize {
+        (vcpus as usize).min(host::host_cpus()).max(1)
+    }
 }
 
 /// One pause/flush breakdown taken from the engine's flush records.
@@ -119,6 +196,8 @@ impl Plan {
 pub struct Phases {
     /// Bytes the flush covered.
     pub bytes: u64,
+    /// Planning time, before the pause.
+    pub plan_ns: f64,
     /// Pause time.
     pub pause_ns: f64,
     /// Flush time (all vCPUs paused).
@@ -132,16 +211,20 @@ pub struct Samples {
     pub tsc_per_ns: f64,
     /// `/proc/loadavg` when the run started (other load skews every figure).
     pub load_at_start: String,
-    /// MMIO floor per vCPU count.
-    pub floor: BTreeMap<u32, Vec<f64>>,
-    /// Device range latency per (vCPUs, size).
-    pub range_dev: BTreeMap<(u32, u64), Vec<f64>>,
-    /// Guest ring-3 CLFLUSHOPT per (vCPUs, size).
-    pub range_guest: BTreeMap<(u32, u64), Vec<f64>>,
-    /// Host thread CLFLUSHOPT per size.
-    pub range_host: BTreeMap<u64, Vec<f64>>,
-    /// Engine phases of range flushes per (vCPUs, size).
-    pub range_phases: BTreeMap<(u32, u64), Vec<Phases>>,
+    /// MMIO floor per (notify path, vCPU count).
+    pub floor: BTreeMap<(Notify, u32), Vec<f64>>,
+    /// Device range latency per (notify path, vCPUs, size).
+    pub range_dev: BTreeMap<(Notify, u32, u64), Vec<f64>>,
+    /// Guest ring-3 CLFLUSHOPT per (notify path, vCPUs, size).
+    pub range_guest: BTreeMap<(Notify, u32, u64), Vec<f64>>,
+    /// Host CLFLUSHOPT per (host threads, size).
+    pub range_host: BTreeMap<(usize, u64), Vec<f64>>,
+    /// Engine phases of range flushes per (notify path, vCPUs, size).
+    pub range_phases: BTreeMap<(Notify, u32, u64), Vec<Phases>>,
+    /// Crossover: device range latency on 2 vCPUs per (setting, size).
+    pub cross_dev: BTreeMap<(Split, u64), Vec<f64>>,
+    /// Crossover: engine phases per (setting, size).
+    pub cross_phases: BTreeMap<(Split, u64), Vec<Phases>>,
     /// Full flush latency per guest MiB (with `full_touch` resident).
     pub full_dev: BTreeMap<u64, Vec<f64>>,
     /// Engine phases of those.
@@ -156,8 +239,8 @@ pub struct Samples {
     pub pause: BTreeMap<u32, Vec<f64>>,
     /// Signal round trips.
     pub signal: Vec<f64>,
-    /// Throughput runs per vCPU count.
-    pub tput: BTreeMap<u32, Vec<TputRun>>,
+    /// Throughput runs per (notify path, vCPU count).
+    pub tput: BTreeMap<(Notify, u32), Vec<TputRun>>,
 }
 
 /// One throughput run.
@@ -200,45 +283,93 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
         s.tsc_per_ns,
         options.out.display()
     ));
-    let mut host_buf = host::HostBuffer::new(plan.range_max as usize);
+    let mut host_buf = host::HostBuffer::new(plan.range_max.max(plan.cross_max) as usize);
     let ns = 1.0 / s.tsc_per_ns;
     for round in 0..plan.rounds {
         let tag = format!("[round {}/{}]", round + 1, plan.rounds);
-        // Range: 1 and 2 vCPUs, then the host thread over the same sizes.
+        // Range: 1 and 2 vCPUs on both notify paths, then the host threads
+        // over the same sizes.
         for vcpus in [1u32, 2] {
-            progress(format_args!("{tag} range flushes, {vcpus} vCPU(s)"));
-            let run = guest::run(
-                vcpus,
-                256,
-                &format!("part=range max={} reps={}", plan.range_max, plan.range_reps),
-            )?;
-            for l in run.lines.iter().filter(|l| l.kind == "range") {
-                let size = l.get("size");
-                s.floor
-                    .entry(vcpus)
-                    .or_default()
-                    .push(l.get("floor") as f64 * ns);
-                s.range_dev
-                    .entry((vcpus, size))
-                    .or_default()
-                    .push(l.get("dev") as f64 * ns);
-                s.range_guest
-                    .entry((vcpus, size))
-                    .or_default()
-                    .push(l.get("guest") as f64 * ns);
-            }
-            for f in run.flushes.iter().filter(|f| !f.full) {
-                s.range_phases
-                    .entry((vcpus, f.bytes))
-                    .or_default()
-                    .push(phases(f));
+            for path in Notify::ALL {
+                progress(format_args!(
+                    "{tag} range flushes, {vcpus} vCPU(s), notify={}",
+                    path.name()
+                ));
+                let run = guest::run(
+                    vcpus,
+                    256,
+                    &format!("part=range max={} reps={}", plan.range_max, plan.range_reps),
+                    Variant {
+                        notify: path.notify(),
+                        inline_max_bytes: None,
+                    },
+                )?;
+                for l in run.lines.iter().filter(|l| l.kind == "range") {
+                    let size = l.get("size");
+                    s.floor
+                        .entry((path, vcpus))
+                        .or_default()
+                        .push(l.get("floor") as f64 * ns);
+                    s.range_dev
+                        .entry((path, vcpus, size))
+                        .or_default()
+                        .push(l.get("dev") as f64 * ns);
+                    s.range_guest
+                        .entry((path, vcpus, size))
+                        .or_default()
+                        .push(l.get("guest") as f64 * ns);
+                }
+                for f in run.flushes.iter().filter(|f| !f.full) {
+                    s.range_phases
+                        .entry((path, vcpus, f.bytes))
+                        .or_default()
+                        .push(phases(f));
+                }
             }
         }
-        progress(format_args!("{tag} host thread CLFLUSHOPT"));
+        let mut host_threads = vec![Plan::host_threads(1), Plan::host_threads(2)];
+        host_threads.dedup();
+        progress(format_args!(
+            "{tag} host CLFLUSHOPT on {host_threads:?} thread(s)"
+        ));
         for rep in 0..plan.range_reps {
             for size in plan.sizes() {
-                let t = host_buf.flush_ns(size as usize, rep as u8);
-                s.range_host.entry(size).or_default().push(t);
+                for &threads in &host_threads {
+                    let t = host_buf.flush_ns_threads(size as usize, rep as u8, threads);
+                    s.range_host.entry((threads, size)).or_default().push(t);
+                }
+            }
+        }
+        // The inline/split crossover: 2 vCPUs, default notify path, the
+        // same ladder of sizes always inline and always split.
+        for split in [Split::Inline, Split::Split] {
+            progress(format_args!(
+                "{tag} crossover, 2 vCPUs, inline_max_bytes={}",
+                split.inline_max_bytes()
+            ));
+            let run = guest::run(
+                2,
+                256,
+                &format!(
+                    "part=range min={} max={} reps={} ladder=pow2",
+                    plan.cross_min, plan.cross_max, plan.cross_reps
+                ),
+                Variant {
+                    notify: NotifyPath::Vcpu,
+                    inline_max_bytes: Some(split.inline_max_bytes()),
+                },
+            )?;
+            for l in run.lines.iter().filter(|l| l.kind == "range") {
+                s.cross_dev
+                    .entry((split, l.get("size")))
+                    .or_default()
+                    .push(l.get("dev") as f64 * ns);
+            }
+            for f in run.flushes.iter().filter(|f| !f.full) {
+                s.cross_phases
+                    .entry((split, f.bytes))
+                    .or_default()
+                    .push(phases(f));
             }
         }
         // Full flush against guest size, then against resident size.
@@ -254,6 +385,7 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
                     "part=full touch={} reps={}",
                     plan.full_touch, plan.full_reps
                 ),
+                Variant::default(),
             )?;
             for l in run.lines.iter().filter(|l| l.kind == "full") {
                 s.full_dev
@@ -276,6 +408,7 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
                 1,
                 plan.resident_guest_mib,
                 &format!("part=full touch={touch} reps={}", plan.full_reps),
+                Variant::default(),
             )?;
             for l in run.lines.iter().filter(|l| l.kind == "full") {
                 s.resident_dev
@@ -299,27 +432,36 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
         }
         // Throughput: every vCPU requesting at once.
         for &vcpus in &plan.tput_vcpus {
-            progress(format_args!("{tag} throughput, {vcpus} vCPU(s) at once"));
-            let run = guest::run(
-                vcpus,
-                256,
-                &format!(
-                    "part=tput size={} requests={}",
-                    plan.tput_size, plan.tput_requests
-                ),
-            )?;
-            let cycles = run
-                .lines
-                .iter()
-                .find(|l| l.kind == "tput")
-                .map_or(0, |l| l.get("cycles"));
-            s.tput.entry(vcpus).or_default().push(TputRun {
-                completed_ok: run.device.completed_ok,
-                batches: run.device.batches,
-                seconds: cycles as f64 * ns / 1e9,
-                pause_ns: run.flushes.iter().map(|f| f.pause_ns as f64).sum(),
-                flush_ns: run.flushes.iter().map(|f| f.flush_ns as f64).sum(),
-            });
+            for path in Notify::ALL {
+                progress(format_args!(
+                    "{tag} throughput, {vcpus} vCPU(s) at once, notify={}",
+                    path.name()
+                ));
+                let run = guest::run(
+                    vcpus,
+                    256,
+                    &format!(
+                        "part=tput size={} requests={}",
+                        plan.tput_size, plan.tput_requests
+                    ),
+                    Variant {
+                        notify: path.notify(),
+                        inline_max_bytes: None,
+                    },
+                )?;
+                let cycles = run
+                    .lines
+                    .iter()
+                    .find(|l| l.kind == "tput")
+                    .map_or(0, |l| l.get("cycles"));
+                s.tput.entry((path, vcpus)).or_default().push(TputRun {
+                    completed_ok: run.device.completed_ok,
+                    batches: run.device.batches,
+                    seconds: cycles as f64 * ns / 1e9,
+                    pause_ns: run.flushes.iter().map(|f| f.pause_ns as f64).sum(),
+                    flush_ns: run.flushes.iter().map(|f| f.flush_ns as f64).sum(),
+                });
+            }
         }
     }
     progress(format_args!(
@@ -338,6 +480,7 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
 fn phases(f: &vmm::flush_engine::FlushRecord) -> Phases {
     Phases {
         bytes: f.bytes,
+        plan_ns: f.plan_ns as f64,
         pause_ns: f.pause_ns as f64,
         flush_ns: f.flush_ns as f64,
     }
