@@ -216,7 +216,7 @@ fn a_notify_before_driver_ok_is_ignored_and_the_vmm_keeps_running() {
 
 /// (d, continued) ... and says so in a warning on stderr. The notify
 /// reaches the device through its ioeventfd, so it is the queue worker
-/// (`devices/src/cache_flush/handler.rs`) that notices the device is not
+/// (`devices/src/cache_flush/queue_worker.rs`) that notices the device is not
 /// running and warns.
 #[test]
 fn a_notify_before_driver_ok_is_logged_as_a_warning() {

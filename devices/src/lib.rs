@@ -5,9 +5,9 @@
 //!
 //! The data path of one flush request, in this crate:
 //! guest write to QueueNotify → [`virtio::mmio`] transport (or an ioeventfd the
-//! VMM registered for the same address) → [`cache_flush::handler`] pops the
+//! VMM registered for the same address) → [`cache_flush::queue_worker`] pops the
 //! chain → [`cache_flush::request`] parses and validates it →
-//! [`cache_flush::handler`] hands the batch to the [`cache_flush::FlushBackend`]
+//! [`cache_flush::queue_worker`] hands the batch to the [`cache_flush::FlushBackend`]
 //! (the VMM's flush engine) and writes the completions while every vCPU is
 //! still paused.
 #![deny(missing_docs)]

@@ -17,9 +17,9 @@ use cache_flush_abi::boot::{
 };
 use cache_flush_abi::cache_flush::{DEVICE_ID as CACHE_FLUSH_DEVICE_ID, MAX_QUEUES};
 use devices::bus::Bus;
-use devices::cache_flush::device::{CacheFlush, CacheFlushSettings, DeviceError};
-use devices::cache_flush::handler::CacheFlushHandler;
+use devices::cache_flush::device::{CacheFlushDevice, CacheFlushSettings, DeviceError};
 use devices::cache_flush::metrics::CacheFlushMetrics;
+use devices::cache_flush::queue_worker::QueueWorker;
 use devices::legacy::{EventFdTrigger, SerialPort};
 use devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::{NoInterrupt, VirtioInterrupt};
@@ -213,7 +213,7 @@ pub struct Vm {
 /// The cache-flush device as the VM keeps it: its queue worker (added to the
 /// control loop at start), its counters and the engine behind it.
 struct CacheFlushService {
-    handler: Option<CacheFlushHandler>,
+    worker: Option<QueueWorker>,
     /// Set when notifies are served on the vCPU threads.
     notify_route: Option<NotifyRoute>,
     metrics: Arc<CacheFlushMetrics>,
@@ -462,7 +462,7 @@ impl Vm {
         }
         Ok(RunningVm {
             metrics: self.metrics,
-            flush_handler: self.flush.handler.take(),
+            flush_worker: self.flush.worker.take(),
             flush_metrics: self.flush.metrics,
             flush_engine: self.flush.engine,
             _vm_fd: self.vm_fd,
@@ -481,7 +481,7 @@ impl Vm {
 /// A VM whose vCPUs run.
 pub struct RunningVm {
     metrics: Option<MetricsConfig>,
-    flush_handler: Option<CacheFlushHandler>,
+    flush_worker: Option<QueueWorker>,
     flush_metrics: Arc<CacheFlushMetrics>,
     flush_engine: FlushEngine,
     _vm_fd: Arc<VmFd>,
@@ -557,8 +557,8 @@ impl RunningVm {
         if let Some(signals) = self.signals.take() {
             manager.add_subscriber(Arc::new(Mutex::new(signals)));
         }
-        if let Some(handler) = self.flush_handler.take() {
-            manager.add_subscriber(Arc::new(Mutex::new(handler)));
+        if let Some(worker) = self.flush_worker.take() {
+            manager.add_subscriber(Arc::new(Mutex::new(worker)));
         }
         let metrics = match self.metrics.take() {
             Some(config) => {
@@ -652,7 +652,7 @@ fn attach_cache_flush(
         range_bytes_per_sec_limit: config.range_flush_rate,
         ..CacheFlushSettings::default()
     };
-    let device = CacheFlush::new(settings)?;
+    let device = CacheFlushDevice::new(settings)?;
     let metrics = device.metrics();
     // The published estimate follows the resident set: every full flush
     // refreshes it (and bumps ConfigGeneration).
@@ -660,7 +660,7 @@ fn attach_cache_flush(
     engine.set_full_flush_estimate_sink(Some(Arc::new(move |cost_ns, break_even| {
         estimate.update(cost_ns, break_even)
     })));
-    let handler = device.handler(Box::new(engine.clone()));
+    let worker = device.queue_worker(Box::new(engine.clone()));
     let transport = MmioTransport::new(device, ram.memory.clone(), interrupt)?;
     let base = MMIO_DEVICES_START;
     let notify_route = match config.notify {
@@ -681,7 +681,7 @@ fn attach_cache_flush(
         // serves it itself, with no lock held.
         NotifyPath::Vcpu => Some(NotifyRoute {
             addr: base + QUEUE_NOTIFY_OFFSET,
-            handler: handler.clone(),
+            worker: worker.clone(),
         }),
     };
     mmio.insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
@@ -693,7 +693,7 @@ fn attach_cache_flush(
     };
     Ok((
         CacheFlushService {
-            handler: Some(handler),
+            worker: Some(worker),
             metrics,
             engine,
             notify_route,

@@ -3,7 +3,7 @@
 //! Everything here plays the hostile guest, using only the crate's public
 //! interface, the way the VMM does: guest memory (`GuestMemoryMmap`, two small
 //! regions), the virtio-mmio register window ([`BusDevice`] reads and writes
-//! on an `MmioTransport<CacheFlush>`), the queue eventfds (the ioeventfd
+//! on an `MmioTransport<CacheFlushDevice>`), the queue eventfds (the ioeventfd
 //! path), and the handler on a real `event_manager` loop with a fake flush
 //! engine ([`CheckingFlusher`]) that checks the device's promises to the
 //! VMM's flush engine.
@@ -45,8 +45,8 @@ use arbitrary::Arbitrary;
 use cache_flush_abi::cache_flush::{Config, F_FULL, F_RANGE, F_VERSION_1, QUEUE_SIZE_MAX};
 use devices::bus::BusDevice;
 use devices::cache_flush::{
-    BatchCompletion, CacheFlush, CacheFlushMetrics, CacheFlushSettings, FlushBackend, FlushBatch,
-    FlushError, MetricsSnapshot,
+    BatchCompletion, CacheFlushDevice, CacheFlushMetrics, CacheFlushSettings, FlushBackend,
+    FlushBatch, FlushError, MetricsSnapshot,
 };
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::{NoInterrupt, VirtioDevice};
@@ -385,7 +385,7 @@ pub struct FlushControl {
 pub struct CheckingFlusher {
     memory: Memory,
     control: Arc<Mutex<FlushControl>>,
-    transport: Arc<Mutex<MmioTransport<CacheFlush>>>,
+    transport: Arc<Mutex<MmioTransport<CacheFlushDevice>>>,
     max_extents: u64,
 }
 
@@ -455,14 +455,14 @@ impl FlushBackend for CheckingFlusher {
     }
 }
 
-fn write_reg(transport: &Mutex<MmioTransport<CacheFlush>>, offset: u32, value: u32) {
+fn write_reg(transport: &Mutex<MmioTransport<CacheFlushDevice>>, offset: u32, value: u32) {
     transport
         .lock()
         .unwrap()
         .write(u64::from(offset), &value.to_le_bytes());
 }
 
-fn read_reg(transport: &Mutex<MmioTransport<CacheFlush>>, offset: u32) -> u32 {
+fn read_reg(transport: &Mutex<MmioTransport<CacheFlushDevice>>, offset: u32) -> u32 {
     let mut b = [0u8; 4];
     transport.lock().unwrap().read(u64::from(offset), &mut b);
     u32::from_le_bytes(b)
@@ -697,9 +697,9 @@ pub struct Harness {
     /// Guest memory.
     pub memory: Memory,
     /// The transport (shared with the flusher, which resets through it).
-    pub transport: Arc<Mutex<MmioTransport<CacheFlush>>>,
+    pub transport: Arc<Mutex<MmioTransport<CacheFlushDevice>>>,
     /// The loop running the handler.
-    pub event_manager: EventManager<devices::cache_flush::CacheFlushHandler>,
+    pub event_manager: EventManager<devices::cache_flush::QueueWorker>,
     /// The fake engine's controls.
     pub control: Arc<Mutex<FlushControl>>,
     /// The device's counters.
@@ -722,7 +722,7 @@ impl Harness {
     pub fn new(layout: Layout, settings: &SettingsSpec) -> Self {
         let memory = Memory::new(layout);
         let settings = settings.settings();
-        let device = CacheFlush::new(settings.clone()).expect("valid settings");
+        let device = CacheFlushDevice::new(settings.clone()).expect("valid settings");
         let metrics = device.metrics();
         let control = Arc::new(Mutex::new(FlushControl {
             behaviour: Behaviour::Ok,
@@ -747,7 +747,7 @@ impl Harness {
             .lock()
             .unwrap()
             .device()
-            .handler(Box::new(flusher));
+            .queue_worker(Box::new(flusher));
         let mut event_manager = EventManager::new().expect("epoll");
         event_manager.add_subscriber(handler);
         Self {
@@ -1309,7 +1309,7 @@ impl Harness {
 }
 
 /// The status / features / activity invariants of a transport.
-pub fn check_transport(transport: &MmioTransport<CacheFlush>) {
+pub fn check_transport(transport: &MmioTransport<CacheFlushDevice>) {
     let status = transport.status();
     let (ack, driver, features_ok, driver_ok) = (
         status & 1 != 0,
@@ -1848,7 +1848,11 @@ pub struct MmioInput {
 }
 
 /// What a register read must return, where it is fixed.
-fn expected_read(transport: &MmioTransport<CacheFlush>, offset: u64, width: usize) -> Option<u64> {
+fn expected_read(
+    transport: &MmioTransport<CacheFlushDevice>,
+    offset: u64,
+    width: usize,
+) -> Option<u64> {
     if offset >= 0x100 {
         let off = offset - 0x100;
         let config = config_bytes(&transport.device().config());

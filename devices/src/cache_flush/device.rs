@@ -1,12 +1,12 @@
 //! The cache-flush virtio device: what it offers (features, queues,
 //! configuration space) and the state it shares with its queue worker
-//! ([`super::handler::CacheFlushHandler`]).
+//! ([`super::queue_worker::QueueWorker`]).
 //!
 //! Two threads touch a running device: vCPU threads through the transport
 //! (register accesses: activation, reset) and the event-loop thread through
-//! the handler (popping and completing requests). They meet in one mutex,
+//! the queue worker (popping and completing requests). They meet in one mutex,
 //! `Shared::state`, held only for short, non-blocking sections — never
-//! while the flush engine pauses the vCPUs (see the handler).
+//! while the flush engine pauses the vCPUs (see the queue worker).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,8 +20,8 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::handler::CacheFlushHandler;
 use super::metrics::CacheFlushMetrics;
+use super::queue_worker::QueueWorker;
 use super::rate_limit::TokenBucket;
 use super::request::RequestLimits;
 use super::FlushBackend;
@@ -115,18 +115,18 @@ pub enum DeviceError {
     EventFd(#[source] std::io::Error),
 }
 
-/// The state shared by the device (transport side) and its handler.
+/// The state shared by the device (transport side) and its queue worker.
 pub(crate) struct Shared {
     /// Everything that changes at activation and reset.
     pub(crate) state: Mutex<DeviceState>,
-    /// One eventfd per queue (non-blocking, so the handler can drain them).
+    /// One eventfd per queue (non-blocking, so the queue worker can drain them).
     pub(crate) queue_events: Vec<EventFd>,
     pub(crate) metrics: Arc<CacheFlushMetrics>,
     pub(crate) settings: CacheFlushSettings,
     /// Budget for the log lines the guest can trigger (rejections, notifies
     /// while idle, resets during a flush).
     pub(crate) log_throttle: LogThrottle,
-    /// Set by the handler when a queue became unusable (its available index
+    /// Set by the queue worker when a queue became unusable (its available index
     /// ran away); shown as DEVICE_NEEDS_RESET until the driver resets.
     pub(crate) needs_reset: AtomicBool,
 }
@@ -161,7 +161,7 @@ pub(crate) struct Active {
 }
 
 /// The paravirtual cache-flush device.
-pub struct CacheFlush {
+pub struct CacheFlushDevice {
     shared: Arc<Shared>,
     avail_features: u64,
     queue_max_sizes: Vec<u16>,
@@ -169,7 +169,7 @@ pub struct CacheFlush {
     full_estimate: Arc<FullFlushEstimate>,
 }
 
-impl CacheFlush {
+impl CacheFlushDevice {
     /// A device configured by `settings`, with `settings.num_queues`
     /// queues of up to QUEUE_SIZE_MAX entries each.
     pub fn new(settings: CacheFlushSettings) -> Result<Self, DeviceError> {
@@ -251,10 +251,10 @@ impl CacheFlush {
     /// The queue worker to add to the VMM's event manager (create one per
     /// device). `flusher` is the flush engine; it is called on the thread
     /// that serves a notify (the event loop's, or the notifying vCPU's if
-    /// the VMM uses [`CacheFlushHandler::serve_notify`]), never with a
+    /// the VMM uses [`QueueWorker::serve_notify`]), never with a
     /// device lock held.
-    pub fn handler(&self, flusher: Box<dyn FlushBackend>) -> CacheFlushHandler {
-        CacheFlushHandler::new(self.shared.clone(), flusher)
+    pub fn queue_worker(&self, flusher: Box<dyn FlushBackend>) -> QueueWorker {
+        QueueWorker::new(self.shared.clone(), flusher)
     }
 
     #[cfg(test)]
@@ -323,7 +323,7 @@ fn config_bytes(config: &Config) -> [u8; CONFIG_SIZE] {
     out
 }
 
-impl VirtioDevice for CacheFlush {
+impl VirtioDevice for CacheFlushDevice {
     fn device_type(&self) -> u32 {
         DEVICE_ID
     }
@@ -466,7 +466,7 @@ mod tests {
 
     #[test]
     fn a_refreshed_full_flush_estimate_is_read_back_under_a_new_generation() {
-        let device = CacheFlush::new(CacheFlushSettings {
+        let device = CacheFlushDevice::new(CacheFlushSettings {
             full_flush_cost_ns: 10,
             full_break_even_bytes: 20,
             ..Default::default()
@@ -495,7 +495,7 @@ mod tests {
 
     #[test]
     fn features_and_queues_follow_settings() {
-        let device = CacheFlush::new(CacheFlushSettings {
+        let device = CacheFlushDevice::new(CacheFlushSettings {
             num_queues: 4,
             full_flush: true,
             ..Default::default()
@@ -507,7 +507,7 @@ mod tests {
         assert_eq!(device.queue_events().len(), 4);
         assert_eq!(device.config().num_queues, 4);
 
-        let device = CacheFlush::new(CacheFlushSettings {
+        let device = CacheFlushDevice::new(CacheFlushSettings {
             full_flush: false,
             ..Default::default()
         })
@@ -517,7 +517,7 @@ mod tests {
 
     #[test]
     fn settings_are_validated() {
-        let bad = |s: CacheFlushSettings| CacheFlush::new(s).err().map(|e| e.to_string());
+        let bad = |s: CacheFlushSettings| CacheFlushDevice::new(s).err().map(|e| e.to_string());
         let d = CacheFlushSettings::default();
         assert!(bad(CacheFlushSettings {
             num_queues: 0,
@@ -572,7 +572,7 @@ mod tests {
 
     #[test]
     fn config_reads_are_bounds_checked() {
-        let device = CacheFlush::new(CacheFlushSettings::default()).unwrap();
+        let device = CacheFlushDevice::new(CacheFlushSettings::default()).unwrap();
         let mut b = [0u8; 4];
         assert!(device.read_config(0, &mut b));
         assert_eq!(u32::from_le_bytes(b), 64);

@@ -1,4 +1,4 @@
-//! Per-device counters. The device and its handler update them with relaxed
+//! Per-device counters. The device and its queue worker update them with relaxed
 //! atomic adds (no lock, nothing on the vCPUs' path); the VMM holds the same
 //! `Arc` and reads a [`MetricsSnapshot`] whenever it wants to print or export
 //! them.

@@ -2,17 +2,19 @@
 //!
 //! * [`request`]: parses and validates one descriptor chain.
 //! * [`device`]: the virtio device (features, config space, queues).
-//! * [`handler`]: the queue-event loop glue: pop, validate, batch, flush,
+//! * [`queue_worker`]: the queue-event loop glue: pop, validate, batch, flush,
 //!   complete.
 //! * [`metrics`]: per-device counters.
 //!
-//! Wiring, in the VMM: build a [`CacheFlush`] from [`CacheFlushSettings`];
-//! take its [`CacheFlush::metrics`] and [`CacheFlush::handler`] (given the
-//! flush engine); put the device behind a
-//! [`crate::virtio::mmio::MmioTransport`] on the MMIO bus; register each of
+//! Wiring, in the VMM: build a [`CacheFlushDevice`] from
+//! [`CacheFlushSettings`]; take its [`CacheFlushDevice::metrics`] and its
+//! [`CacheFlushDevice::queue_worker`] (given the flush back end); put the
+//! device behind a [`crate::virtio::mmio::MmioTransport`] on the MMIO bus;
+//! add the worker to the event manager; then either register each of
 //! `transport.queue_notify_eventfds()` as an ioeventfd on
-//! `base + QUEUE_NOTIFY_OFFSET` (4 bytes, datamatch = queue index); add the
-//! handler to the event manager.
+//! `base + QUEUE_NOTIFY_OFFSET` (4 bytes, datamatch = queue index), or call
+//! [`QueueWorker::serve_notify`] on the vCPU thread after a QueueNotify
+//! write (this VMM's default).
 //!
 //! The device does not flush anything itself: it hands validated work to a
 //! [`FlushBackend`], which the VMM implements with its pause-all flush engine.
@@ -22,8 +24,8 @@ use vm_memory::GuestAddress;
 pub mod device;
 #[cfg(test)]
 mod fuzz_regressions;
-pub mod handler;
 pub mod metrics;
+pub mod queue_worker;
 mod rate_limit;
 pub mod request;
 #[cfg(test)]
@@ -31,9 +33,9 @@ mod test_utils;
 #[cfg(test)]
 mod tests;
 
-pub use device::{CacheFlush, CacheFlushSettings, FullFlushEstimate};
-pub use handler::CacheFlushHandler;
+pub use device::{CacheFlushDevice, CacheFlushSettings, FullFlushEstimate};
 pub use metrics::{CacheFlushMetrics, MetricsSnapshot};
+pub use queue_worker::QueueWorker;
 pub use request::{Request, RequestError};
 
 /// A validated extent of guest RAM to write back and invalidate. The device

@@ -29,7 +29,7 @@
 //! | per segment: not inside one guest memory region | OUT_OF_RANGE |
 //! | per segment: running total above `max_bytes` | TOO_LARGE |
 //!
-//! (BUSY, the rate limit, is decided later by the handler, only for requests
+//! (BUSY, the rate limit, is decided later by the queue worker, only for requests
 //! that pass all of these.)
 //!
 //! Each descriptor is read once (the first [`MAX_CHAIN_DESCRIPTORS`] into a
@@ -199,7 +199,7 @@ pub enum RequestError {
         max: u64,
     },
     /// A rate limit of the configuration space refused the request (decided by
-    /// the handler, after validation).
+    /// the queue worker, after validation).
     #[error("rate limit for {request_type:?} exceeded")]
     RateLimited {
         /// The limited request type.
@@ -463,7 +463,7 @@ impl ParsedChain {
             });
         }
         // The header-only FLUSH_RANGE (no segments) is valid and flushes
-        // nothing; the handler completes it without a flush.
+        // nothing; the queue worker completes it without a flush.
         Ok(Request::FlushRange(extents))
     }
 }

@@ -1,7 +1,7 @@
 //! Test scaffolding (no KVM): guest memory with a hole, a driver that speaks
 //! the register interface and fills virtio-queue `MockSplitQueue`s, a fake
 //! flush engine that records its calls, and an event manager running the
-//! real handler.
+//! real queue worker.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
@@ -16,7 +16,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{BatchCompletion, FlushBackend, FlushBatch, FlushError, MetricsSnapshot};
-use super::{CacheFlush, CacheFlushHandler, CacheFlushMetrics, CacheFlushSettings};
+use super::{CacheFlushDevice, CacheFlushMetrics, CacheFlushSettings, QueueWorker};
 use crate::bus::BusDevice;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::{VirtioDevice, VirtioInterrupt};
@@ -193,15 +193,15 @@ pub struct Submitted {
     pub status_addr: Option<u64>,
 }
 
-/// Memory + transport + device + handler + event loop, driven like a guest
+/// Memory + transport + device + queue worker + event loop, driven like a guest
 /// driver would.
 pub struct TestHelper<'a> {
     pub mem: &'a GuestMemoryMmap,
-    pub transport: Arc<Mutex<MmioTransport<CacheFlush>>>,
+    pub transport: Arc<Mutex<MmioTransport<CacheFlushDevice>>>,
     pub metrics: Arc<CacheFlushMetrics>,
     pub flush: Arc<Mutex<FlushControl>>,
     pub interrupt: Arc<RecordingInterrupt>,
-    pub event_manager: EventManager<Arc<Mutex<CacheFlushHandler>>>,
+    pub event_manager: EventManager<Arc<Mutex<QueueWorker>>>,
     pub queues: Vec<DriverQueue<'a>>,
     next_buffer: u64,
 }
@@ -210,7 +210,7 @@ impl<'a> TestHelper<'a> {
     /// A device built from `settings`, not yet initialised by the driver.
     pub fn new(mem: &'a GuestMemoryMmap, settings: CacheFlushSettings) -> Self {
         capture_logs();
-        let device = CacheFlush::new(settings).unwrap();
+        let device = CacheFlushDevice::new(settings).unwrap();
         let metrics = device.metrics();
         let flush = Arc::new(Mutex::new(FlushControl {
             calls: Vec::new(),
@@ -220,9 +220,9 @@ impl<'a> TestHelper<'a> {
             deferred: Vec::new(),
         }));
         let handler = Arc::new(Mutex::new(
-            device.handler(Box::new(FakeFlusher(flush.clone()))),
+            device.queue_worker(Box::new(FakeFlusher(flush.clone()))),
         ));
-        // The event manager keeps the handler alive.
+        // The event manager keeps the queue worker alive.
         let interrupt = Arc::new(RecordingInterrupt::default());
         let transport = MmioTransport::new(device, mem.clone(), interrupt.clone()).unwrap();
         let mut event_manager = EventManager::new().unwrap();
@@ -553,7 +553,7 @@ pub fn publish_raw(mem: &GuestMemoryMmap, avail: GuestAddress, head: u16) {
 }
 
 /// Warnings logged so far, per thread: each test runs on its own thread and
-/// the handler runs on the test's thread (inside `run`), so a test sees
+/// the queue worker runs on the test's thread (inside `run`), so a test sees
 /// exactly its own lines.
 static RECORDS: Mutex<Vec<(ThreadId, log::Level, String)>> = Mutex::new(Vec::new());
 

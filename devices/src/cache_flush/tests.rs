@@ -1,6 +1,6 @@
 //! End-to-end tests of the cache-flush device: a test driver configures the
 //! device through the virtio-mmio registers, puts requests on
-//! `MockSplitQueue` rings in guest memory with a hole, and the real handler
+//! `MockSplitQueue` rings in guest memory with a hole, and the real queue worker
 //! runs on an event manager with a fake flush engine.
 //!
 //! Test names starting with `rule_` are the rows of
@@ -14,7 +14,7 @@ use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::handler::MAX_ROUNDS_PER_EVENT;
+use super::queue_worker::MAX_ROUNDS_PER_EVENT;
 use super::test_utils::*;
 use super::{CacheFlushSettings, GuestExtent, MetricsSnapshot};
 use crate::bus::BusDevice;
@@ -784,7 +784,7 @@ fn transport_notify_before_driver_ok_ignored() {
     h.notify(0);
     assert_eq!(h.run(), 0);
     assert!(take_logs()[0].contains("QueueNotify 0 in status 0xb ignored"));
-    // Through the ioeventfd (KVM writes the eventfd itself): the handler
+    // Through the ioeventfd (KVM writes the eventfd itself): the queue worker
     // wakes up, finds the device not running, does nothing.
     h.transport.lock().unwrap().queue_notify_eventfds()[0]
         .1
@@ -856,7 +856,7 @@ fn reset_with_request_outstanding() {
     let transport = h.transport.clone();
     // The driver resets the device while the flush engine has the batch (a
     // vCPU's Status write racing with the flush). The hook would deadlock if
-    // the handler held the device lock across `flush`.
+    // the queue worker held the device lock across `flush`.
     h.flush.lock().unwrap().before_complete = Some(Box::new(move |_| {
         transport
             .lock()
@@ -1203,11 +1203,11 @@ fn metrics_count_every_request_once_by_type_and_once_by_outcome() {
 // -------------------------------------------------------------- wiring --
 
 /// How the VMM puts the device together; also checks the types fit (the
-/// transport goes on the bus as a `SharedBusDevice`, the handler into an
+/// transport goes on the bus as a `SharedBusDevice`, the queue worker into an
 /// event manager, both `Send`).
 #[test]
 fn vmm_wiring() {
-    use super::{BatchCompletion, CacheFlush, FlushBackend, FlushBatch};
+    use super::{BatchCompletion, CacheFlushDevice, FlushBackend, FlushBatch};
     use crate::bus::{Bus, SharedBusDevice};
     use crate::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
     use crate::virtio::NoInterrupt;
@@ -1222,13 +1222,13 @@ fn vmm_wiring() {
     fn assert_send<T: Send>(_: &T) {}
 
     let mem = test_memory();
-    let device = CacheFlush::new(CacheFlushSettings {
+    let device = CacheFlushDevice::new(CacheFlushSettings {
         num_queues: 2,
         ..settings()
     })
     .unwrap();
     let metrics = device.metrics();
-    let handler = Arc::new(Mutex::new(device.handler(Box::new(Engine))));
+    let handler = Arc::new(Mutex::new(device.queue_worker(Box::new(Engine))));
     let transport = Arc::new(Mutex::new(
         MmioTransport::new(device, mem.clone(), Arc::new(NoInterrupt)).unwrap(),
     ));
@@ -1245,7 +1245,7 @@ fn vmm_wiring() {
     let mut bus = Bus::new();
     let on_bus: SharedBusDevice = transport.clone();
     bus.insert(base, MMIO_WINDOW_SIZE, on_bus).unwrap();
-    let mut event_manager = EventManager::<Arc<Mutex<super::CacheFlushHandler>>>::new().unwrap();
+    let mut event_manager = EventManager::<Arc<Mutex<super::QueueWorker>>>::new().unwrap();
     assert_send(&handler);
     event_manager.add_subscriber(handler);
 

@@ -108,7 +108,7 @@ pub struct NotifyRoute {
     /// Guest-physical address of the QueueNotify register.
     pub addr: u64,
     /// The device's queue worker.
-    pub handler: devices::cache_flush::CacheFlushHandler,
+    pub worker: devices::cache_flush::QueueWorker,
 }
 
 /// Per-VM counters the vCPU threads keep.
@@ -273,7 +273,7 @@ impl Vcpu {
                         // the engine's pause does not wait for it, and the
                         // guest finds its request done when the write
                         // returns.
-                        route.handler.serve_notify(queue);
+                        route.worker.serve_notify(queue);
                     }
                 }
                 Step::Stop => break,

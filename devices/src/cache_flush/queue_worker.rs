@@ -41,7 +41,7 @@ use crate::virtio::VirtioInterrupt;
 
 /// How many pop-flush-complete rounds one event may run. A guest that keeps
 /// its queues full would otherwise keep the event loop (and the other devices
-/// on it) waiting; after this many rounds the handler signals itself and
+/// on it) waiting; after this many rounds the queue worker signals itself and
 /// returns to the loop.
 pub const MAX_ROUNDS_PER_EVENT: usize = 4;
 
@@ -50,13 +50,13 @@ pub const MAX_ROUNDS_PER_EVENT: usize = 4;
 ///
 /// Clones share one worker: a VMM that handles QueueNotify on the notifying
 /// vCPU's own thread keeps a clone there and calls
-/// [`CacheFlushHandler::serve_notify`] after the exit (with no device or bus
+/// [`QueueWorker::serve_notify`] after the exit (with no device or bus
 /// lock held), while the event loop keeps serving ioeventfd notifies and
 /// any work a vCPU's round budget left. Every method takes `&self`: the
 /// device state has its own lock, never held across a flush, and the back
 /// end serialises its pauses.
 #[derive(Clone)]
-pub struct CacheFlushHandler {
+pub struct QueueWorker {
     inner: Arc<Inner>,
 }
 
@@ -84,7 +84,7 @@ struct Round {
     pending: Vec<Pending>,
 }
 
-impl CacheFlushHandler {
+impl QueueWorker {
     pub(crate) fn new(shared: Arc<Shared>, flusher: Box<dyn FlushBackend>) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -501,7 +501,7 @@ fn complete_batch(
     }
 }
 
-impl MutEventSubscriber for CacheFlushHandler {
+impl MutEventSubscriber for QueueWorker {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let set = events.event_set();
         if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
