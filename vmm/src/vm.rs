@@ -920,8 +920,8 @@ impl LinuxGuest {
         });
         let vcpu_quirks = quirks.active().then(|| {
             Arc::new(VcpuQuirks {
+                gaps: Default::default(),
                 syscall_remedy: syscall_remedy.clone(),
-                ..VcpuQuirks::default()
             })
         });
         let lifecycle = Arc::new(GuestLifecycle::new(outcome.clone(), syscall_remedy.clone()));

@@ -401,3 +401,10 @@ impl VcpuQuirks {
         format!("INT3 delivered {int3} times, FWAIT skipped {fwait} times, ring-3 syscall remedy {remedy}")
     }
 }
+
+impl Drop for VcpuQuirks {
+    /// The last vCPU thread is gone: say what fired, once.
+    fn drop(&mut self) {
+        log::info!("host quirks: {}", self.summary());
+    }
+}

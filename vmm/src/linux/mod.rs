@@ -479,7 +479,8 @@ mod tests {
                 virtio_mmio: vec![],
             },
         );
-        let reserved = (remedy_page(&ram.layout), 2 << 20);
+        let page = remedy_page(&ram.layout);
+        let reserved = Some((page, 2 << 20));
         write_boot(
             &ram.memory,
             &LinuxBootSetup {
@@ -491,7 +492,7 @@ mod tests {
                 initrd: Some(&initrd),
                 cmdline: "console=ttyS0",
                 ram: &ram.layout,
-                reserved: Some(reserved),
+                reserved,
                 acpi: Some(&tables),
             },
         )
@@ -509,7 +510,7 @@ mod tests {
         let (image, size) = ({ hdr.ramdisk_image } as u64, { hdr.ramdisk_size } as u64);
         assert_eq!(size, 10_000);
         assert_eq!(image % 4096, 0);
-        assert!(image + size <= reserved.0, "below the remedy page");
+        assert!(image + size <= page, "below the remedy page");
         assert!(image >= 0x200_0000, "above the kernel");
         assert_eq!({ p.acpi_rsdp_addr }, ACPI_GPA);
         assert_eq!(p.e820_entries, 4);
