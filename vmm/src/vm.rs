@@ -382,6 +382,9 @@ impl Vm {
                 stats.clone(),
                 halted.clone(),
             );
+            if linux_guest.is_some() {
+                vcpu = vcpu.with_in_kernel_irqchip();
+            }
             if let Some(quirks) = linux_guest.as_ref().and_then(|g| g.vcpu_quirks.clone()) {
                 vcpu = vcpu.with_quirks(quirks);
             }

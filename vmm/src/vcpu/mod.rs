@@ -179,6 +179,9 @@ pub struct Vcpu {
     halted: Arc<AtomicU64>,
     /// Host quirks this vCPU applies (Linux guests on hosts that need them).
     quirks: Option<Arc<crate::host_quirks::VcpuQuirks>>,
+    /// The VM has KVM's in-kernel interrupt controller: an interrupt can
+    /// wake a halted vCPU, so HLT is idling, not the end of this vCPU.
+    irqchip: bool,
 }
 
 /// Unclaimed accesses are logged for the first few, then every this many, so
@@ -206,7 +209,17 @@ impl Vcpu {
             stats,
             halted,
             quirks: None,
+            irqchip: false,
         }
+    }
+
+    /// Marks the VM as having KVM's in-kernel irqchip (a Linux guest): a
+    /// `KVM_EXIT_HLT` then re-enters `KVM_RUN`, where the local APIC wakes
+    /// the vCPU on its next interrupt, instead of parking the thread for good
+    /// (which left another CPU's IPIs unanswered for ever).
+    pub fn with_in_kernel_irqchip(mut self) -> Self {
+        self.irqchip = true;
+        self
     }
 
     /// Applies `quirks` after this vCPU's exits (see [`crate::host_quirks`]).
@@ -346,6 +359,14 @@ impl Vcpu {
                     vcpu: index,
                 });
                 Step::Stop
+            }
+            Conclusion::Halt if self.irqchip => {
+                // Idle, not finished: back into KVM_RUN, which waits in the
+                // kernel for the next interrupt.
+                Step::Continue {
+                    io: false,
+                    notify: None,
+                }
             }
             Conclusion::Halt => {
                 // No interrupt controller: nothing can wake a halted vCPU.
