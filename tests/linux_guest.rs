@@ -51,6 +51,12 @@ const REQUIRED: &[&str] = &[
     "probe-full-evicts",
     "busy-cpu-ran",
     "concurrent-both-cpus",
+    "kernel-api",
+    "kernel-api-unload",
+    "unload-refused-while-open",
+    "unload",
+    "unload-removes-device-node",
+    "reload-and-flush",
 ];
 const RANGE_CASES: usize = 10;
 

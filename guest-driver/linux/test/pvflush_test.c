@@ -670,6 +670,67 @@ static void check_concurrent(uint8_t *buf, const struct pvflush_info *info)
 }
 
 /* ---------------------------------------------------------------------- */
+/* The exported in-kernel calls, then unloading and reloading the driver. */
+
+static int load_module(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	int err = 0;
+
+	if (fd < 0)
+		return errno;
+	if (syscall(SYS_finit_module, fd, "", 0))
+		err = errno;
+	close(fd);
+	return err;
+}
+
+static int unload_module(const char *name)
+{
+	return syscall(SYS_delete_module, name, O_NONBLOCK) ? errno : 0;
+}
+
+static void check_kernel_api_and_unload(uint8_t *buf)
+{
+	struct timespec nap = { 0, 20 * 1000 * 1000 };
+	double deadline;
+	int err;
+
+	/* Its init calls pvflush_wbinv_range/_all; it loads only if all passed. */
+	err = load_module("/lib/modules/pvflush_selftest.ko");
+	check(err == 0, "kernel-api", "%s (its log line is on the console)",
+	      err ? strerror(err) : "OK");
+	if (!err) {
+		err = unload_module("pvflush_selftest");
+		check(err == 0, "kernel-api-unload", "%s",
+		      err ? strerror(err) : "OK");
+	}
+
+	err = unload_module("virtio_cache_flush");
+	check(err == EWOULDBLOCK || err == EBUSY, "unload-refused-while-open",
+	      "%s", err ? strerror(err) : "unloaded under an open file");
+	if (!err)
+		return;
+
+	close(dev_fd);
+	dev_fd = -1;
+	err = unload_module("virtio_cache_flush");
+	check(err == 0, "unload", "%s", err ? strerror(err) : "OK");
+	deadline = uptime() + 10;
+	while (access("/dev/pvflush", F_OK) == 0 && uptime() < deadline)
+		nanosleep(&nap, NULL);
+	check(access("/dev/pvflush", F_OK) != 0, "unload-removes-device-node",
+	      "");
+
+	err = load_module("/lib/modules/virtio_cache_flush.ko");
+	if (!err) {
+		dev_fd = open_device();
+		err = dev_fd < 0 ? errno : flush_range(buf + 5, 3 * PAGE);
+	}
+	check(err == 0, "reload-and-flush", "%s", err ? strerror(err) : "OK");
+}
+
+/* ---------------------------------------------------------------------- */
 
 int main(void)
 {
@@ -731,6 +792,7 @@ int main(void)
 	    (unsigned long long)info.segments,
 	    (unsigned long long)info.bytes, (unsigned long long)info.busy,
 	    (unsigned long long)info.failed);
+	check_kernel_api_and_unload(buf);
 	if (n_failed)
 		status = EXIT_FAIL;
 	else if (probe_inconclusive)
