@@ -7,6 +7,7 @@
  * every call answered as expected; each result is logged.
  */
 
+#include <linux/bits.h>
 #include <linux/gfp.h>
 #include <linux/io.h>
 #include <linux/irqflags.h>
@@ -16,7 +17,7 @@
 #include "pvflush.h"
 
 /* Far above any test guest's RAM: the host answers OUT_OF_RANGE. */
-#define BEYOND_RAM	(1ULL << 40)
+#define BEYOND_RAM	BIT_ULL(40)
 #define ORDER		2
 
 static int __init pvflush_selftest_init(void)

@@ -33,7 +33,6 @@
 #include <linux/slab.h>
 #include <linux/spinlock.h>
 #include <linux/uaccess.h>
-#include <linux/version.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
 #include <linux/workqueue.h>
@@ -631,7 +630,7 @@ static int cfl_init_vqs(struct cfl_device *cd)
 	unsigned int nq = min3(cd->dev_queues, nr_cpu_ids,
 			       (unsigned int)VIRTIO_CACHE_FLUSH_MAX_QUEUES);
 	struct virtqueue **vqs;
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+#ifdef CFL_HAVE_VIRTQUEUE_INFO
 	struct virtqueue_info *infos;
 #else
 	vq_callback_t **callbacks;
@@ -642,7 +641,7 @@ static int cfl_init_vqs(struct cfl_device *cd)
 
 	cd->queues = kcalloc(nq, sizeof(*cd->queues), GFP_KERNEL);
 	vqs = kcalloc(nq, sizeof(*vqs), GFP_KERNEL);
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+#ifdef CFL_HAVE_VIRTQUEUE_INFO
 	infos = kcalloc(nq, sizeof(*infos), GFP_KERNEL);
 	if (!cd->queues || !vqs || !infos)
 		goto out;
@@ -662,13 +661,13 @@ static int cfl_init_vqs(struct cfl_device *cd)
 		if (!q->req)
 			goto out;
 		/* No callback: virtio_ring then asks for no interrupts. */
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+#ifdef CFL_HAVE_VIRTQUEUE_INFO
 		infos[i].name = q->name;
 #else
 		names[i] = q->name;
 #endif
 	}
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+#ifdef CFL_HAVE_VIRTQUEUE_INFO
 	ret = virtio_find_vqs(cd->vdev, nq, vqs, infos, NULL);
 #else
 	ret = virtio_find_vqs(cd->vdev, nq, vqs, callbacks, names, NULL);
@@ -686,7 +685,7 @@ out:
 		cd->nqueues = 0;
 	}
 	kfree(vqs);
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+#ifdef CFL_HAVE_VIRTQUEUE_INFO
 	kfree(infos);
 #else
 	kfree(callbacks);

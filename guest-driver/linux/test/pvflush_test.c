@@ -59,10 +59,15 @@
 #define EVICTED_MIN	0.75
 #define CONCURRENT_REQUESTS 20
 
+#define ARRAY_SIZE(a)	(sizeof(a) / sizeof((a)[0]))
+/* Shared between processes: plain fields, atomic accesses. */
+#define LOAD(x)		__atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define STORE(x, v)	__atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+
 static unsigned int n_passed, n_failed;
 static int dev_fd = -1;
 
-static void say(const char *fmt, ...)
+static void log_info(const char *fmt, ...)
 {
 	va_list ap;
 
@@ -84,10 +89,10 @@ static void check(bool ok, const char *name, const char *fmt, ...)
 	va_end(ap);
 	if (ok) {
 		n_passed++;
-		say("ok %s%s%s", name, why[0] ? ": " : "", why);
+		log_info("ok %s%s%s", name, why[0] ? ": " : "", why);
 	} else {
 		n_failed++;
-		say("FAIL %s: %s", name, why);
+		log_info("FAIL %s: %s", name, why);
 	}
 }
 
@@ -101,11 +106,11 @@ static double uptime(void)
 
 static void end_vm(int status)
 {
-	say("exit status %d at uptime %.1f s", status, uptime());
+	log_info("exit status %d at uptime %.1f s", status, uptime());
 	if (ioperm(EXIT_PORT, 4, 1) == 0)
 		outl(status, EXIT_PORT);
 	else
-		say("ioperm(0x%x): %s", EXIT_PORT, strerror(errno));
+		log_info("ioperm(0x%x): %s", EXIT_PORT, strerror(errno));
 	/* Only without an exit port: the VMM then sees no verdict. */
 	reboot(RB_POWER_OFF);
 	_exit(status);
@@ -135,7 +140,7 @@ static bool load_modules(void)
 	FILE *list = fopen("/lib/modules/load.order", "r");
 
 	if (!list) {
-		say("FAIL modules: /lib/modules/load.order: %s", strerror(errno));
+		log_info("FAIL modules: /lib/modules/load.order: %s", strerror(errno));
 		return false;
 	}
 	while (fgets(line, sizeof(line), list)) {
@@ -150,12 +155,12 @@ static bool load_modules(void)
 		fd = open(path, O_RDONLY | O_CLOEXEC);
 		if (fd < 0 || (syscall(SYS_finit_module, fd, "", 0) != 0 &&
 			       errno != EEXIST)) {
-			say("FAIL modules: %s: %s", path, strerror(errno));
+			log_info("FAIL modules: %s: %s", path, strerror(errno));
 			fclose(list);
 			return false;
 		}
 		close(fd);
-		say("loaded %s in %.1f s", line, uptime() - t0);
+		log_info("loaded %s in %.1f s", line, uptime() - t0);
 	}
 	fclose(list);
 	return true;
@@ -209,7 +214,7 @@ static void *map(size_t len, int prot)
 		       -1, 0);
 
 	if (p == MAP_FAILED) {
-		say("FAIL mmap %zu bytes: %s", len, strerror(errno));
+		log_info("FAIL mmap %zu bytes: %s", len, strerror(errno));
 		end_vm(EXIT_FAIL);
 	}
 	return p;
@@ -222,13 +227,13 @@ static void check_info(const struct pvflush_info *info, unsigned int ncpus)
 	unsigned int want_queues = info->num_queues < ncpus ? info->num_queues
 							     : ncpus;
 
-	say("device: %u-byte lines, %u queues offered, %u used, max %u segments (driver sends %u) and %llu bytes per request, features 0x%llx, full flush cost %llu ns, break-even %llu bytes",
-	    info->cache_line_size, info->num_queues, info->queues_used,
-	    info->max_segments, info->segments_per_request,
-	    (unsigned long long)info->max_bytes,
-	    (unsigned long long)info->features,
-	    (unsigned long long)info->full_flush_cost_ns,
-	    (unsigned long long)info->full_break_even_bytes);
+	log_info("device: %u-byte lines, %u queues offered, %u used, max %u segments (driver sends %u) and %llu bytes per request, features 0x%llx, full flush cost %llu ns, break-even %llu bytes",
+		 info->cache_line_size, info->num_queues, info->queues_used,
+		 info->max_segments, info->segments_per_request,
+		 (unsigned long long)info->max_bytes,
+		 (unsigned long long)info->features,
+		 (unsigned long long)info->full_flush_cost_ns,
+		 (unsigned long long)info->full_break_even_bytes);
 	check(info->cache_line_size && !(info->cache_line_size &
 					 (info->cache_line_size - 1)),
 	      "info-line-size", "%u", info->cache_line_size);
@@ -267,7 +272,7 @@ static void check_ranges(uint8_t *buf, const struct pvflush_info *info0)
 	};
 	unsigned int i;
 
-	for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+	for (i = 0; i < ARRAY_SIZE(cases); i++) {
 		struct pvflush_info a, b;
 		unsigned long off = cases[i].offset, len = cases[i].len;
 		unsigned long pages = ((off + len + PAGE - 1) / PAGE) - off / PAGE;
@@ -332,7 +337,15 @@ struct probe {
 	uint64_t threshold;
 };
 
-static inline uint64_t time_load(const volatile uint8_t *p)
+/* One load the compiler can neither drop nor move. */
+static inline void load_byte(const uint8_t *p)
+{
+	uint8_t v;
+
+	asm volatile("movb (%1), %0" : "=q"(v) : "r"(p) : "memory");
+}
+
+static inline uint64_t time_load(const uint8_t *p)
 {
 	unsigned int aux;
 	uint64_t t0, t1;
@@ -340,7 +353,7 @@ static inline uint64_t time_load(const volatile uint8_t *p)
 	_mm_mfence();
 	_mm_lfence();
 	t0 = __rdtscp(&aux);
-	(void)*p;
+	load_byte(p);
 	t1 = __rdtscp(&aux);
 	_mm_lfence();
 	return t1 - t0;
@@ -359,7 +372,7 @@ static void warm(struct probe *p)
 	for (i = 0; i < PROBE_PAGES * PAGE; i += LINE)
 		p->buf[i] = (uint8_t)i;
 	for (i = 0; i < PROBE_PAGES; i++)
-		(void)*(volatile uint8_t *)probe_line(p, i);
+		load_byte(probe_line(p, i));
 	_mm_mfence();
 }
 
@@ -438,9 +451,9 @@ static bool calibrate(struct probe *p)
 	reload(p);
 	miss = median_cycles(p);
 	p->threshold = hit + (miss - hit) / 2;
-	say("probe: cached lines reload in a median of %llu cycles, flushed ones in %llu; threshold %llu",
-	    (unsigned long long)hit, (unsigned long long)miss,
-	    (unsigned long long)p->threshold);
+	log_info("probe: cached lines reload in a median of %llu cycles, flushed ones in %llu; threshold %llu",
+		 (unsigned long long)hit, (unsigned long long)miss,
+		 (unsigned long long)p->threshold);
 	return miss >= 2 * hit;
 }
 
@@ -471,12 +484,12 @@ static enum probe_result probe_request(struct probe *p, const char *what,
 		err = request(p);
 		evicted = reload(p);
 		if (err) {
-			say("probe %s: request failed: %s", what, strerror(err));
+			log_info("probe %s: request failed: %s", what, strerror(err));
 			return PROBE_NOT_EVICTED;
 		}
-		say("probe %s attempt %u: %.0f%% of lines evicted after the flush (median %llu cycles), %.0f%% after the no-op",
-		    what, attempt, evicted * 100,
-		    (unsigned long long)median_cycles(p), ctl * 100);
+		log_info("probe %s attempt %u: %.0f%% of lines evicted after the flush (median %llu cycles), %.0f%% after the no-op",
+			 what, attempt, evicted * 100,
+			 (unsigned long long)median_cycles(p), ctl * 100);
 		if (ctl > CONTROL_MAX)
 			continue;
 		valid_attempt = true;
@@ -509,7 +522,7 @@ static void check_probe(const struct pvflush_info *info)
 	p.buf = map(PROBE_PAGES * PAGE, PROT_READ | PROT_WRITE);
 	rng_state = __rdtsc() | 1;
 	if (!calibrate(&p)) {
-		say("probe: flushed lines are not slower than cached ones here: inconclusive");
+		log_info("probe: flushed lines are not slower than cached ones here: inconclusive");
 		probe_inconclusive = true;
 		return;
 	}
@@ -597,10 +610,10 @@ static void check_hostile(uint8_t *buf)
 /* Both vCPUs: one busy in user space, then both requesting at once. */
 
 struct shared {
-	volatile uint64_t iterations;
-	volatile uint64_t max_gap;
-	volatile int stop;
-	volatile int child_errors;
+	uint64_t iterations;
+	uint64_t max_gap;
+	int stop;
+	int child_errors;
 };
 
 static pid_t spawn_busy(struct shared *sh, int cpu)
@@ -611,14 +624,22 @@ static pid_t spawn_busy(struct shared *sh, int cpu)
 		uint64_t prev = __rdtsc();
 
 		pin_to_cpu(cpu);
-		while (!sh->stop) {
+		uint64_t n = 0, gap = 0;
+
+		/* Published every 2^16 iterations: a store is not free. */
+		while (!LOAD(sh->stop)) {
 			uint64_t now = __rdtsc();
 
-			if (now - prev > sh->max_gap)
-				sh->max_gap = now - prev;
+			if (now - prev > gap)
+				gap = now - prev;
 			prev = now;
-			sh->iterations++;
+			if (!(++n & 0xffff)) {
+				STORE(sh->iterations, n);
+				STORE(sh->max_gap, gap);
+			}
 		}
+		STORE(sh->iterations, n);
+		STORE(sh->max_gap, gap);
 		_exit(0);
 	}
 	return pid;
@@ -634,7 +655,8 @@ static pid_t spawn_flusher(struct shared *sh, int cpu, uint8_t *buf)
 		pin_to_cpu(cpu);
 		for (i = 0; i < CONCURRENT_REQUESTS; i++)
 			if (flush_range(buf + i * PAGE, 3 * PAGE))
-				sh->child_errors++;
+				__atomic_add_fetch(&sh->child_errors, 1,
+						   __ATOMIC_RELAXED);
 		_exit(0);
 	}
 	return pid;
@@ -660,11 +682,11 @@ static void check_concurrent(uint8_t *buf, const struct pvflush_info *info)
 			errors++;
 	waitpid(child, NULL, 0);
 	get_info(&b);
-	check(!errors && !sh->child_errors &&
+	check(!errors && !LOAD(sh->child_errors) &&
 	      b.requests - a.requests >= 2 * CONCURRENT_REQUESTS,
 	      "concurrent-both-cpus",
 	      "%d requests from each CPU, %d + %d failed, queues used %u",
-	      CONCURRENT_REQUESTS, errors, sh->child_errors,
+	      CONCURRENT_REQUESTS, errors, LOAD(sh->child_errors),
 	      info->queues_used);
 	munmap(sh, PAGE);
 }
@@ -744,19 +766,19 @@ int main(void)
 
 	if (getpid() == 1)
 		setup_console();
-	say("started at uptime %.1f s", uptime());
+	log_info("started at uptime %.1f s", uptime());
 	if (!load_modules())
 		end_vm(EXIT_FAIL);
 	dev_fd = open_device();
 	if (dev_fd < 0) {
-		say("FAIL open /dev/pvflush: %s", strerror(errno));
+		log_info("FAIL open /dev/pvflush: %s", strerror(errno));
 		end_vm(EXIT_FAIL);
 	}
 	sched_getaffinity(0, sizeof(cpus), &cpus);
 	ncpus = CPU_COUNT(&cpus);
 	pin_to_cpu(0);
 	if (get_info(&info)) {
-		say("FAIL info: %s", strerror(errno));
+		log_info("FAIL info: %s", strerror(errno));
 		end_vm(EXIT_FAIL);
 	}
 	check_info(&info, ncpus);
@@ -776,22 +798,22 @@ int main(void)
 	check_hostile(buf);
 	check_probe(&info);
 	if (busy_pid > 0) {
-		busy->stop = 1;
+		STORE(busy->stop, 1);
 		waitpid(busy_pid, NULL, 0);
-		check(busy->iterations > 0, "busy-cpu-ran",
+		check(LOAD(busy->iterations) > 0, "busy-cpu-ran",
 		      "CPU 1 spun %llu iterations in user space meanwhile; its longest stall %llu TSC cycles",
-		      (unsigned long long)busy->iterations,
-		      (unsigned long long)busy->max_gap);
+		      (unsigned long long)LOAD(busy->iterations),
+		      (unsigned long long)LOAD(busy->max_gap));
 	}
 	if (ncpus > 1)
 		check_concurrent(buf, &info);
 
 	get_info(&info);
-	say("driver counters: %llu requests, %llu segments, %llu bytes, %llu busy, %llu failed",
-	    (unsigned long long)info.requests,
-	    (unsigned long long)info.segments,
-	    (unsigned long long)info.bytes, (unsigned long long)info.busy,
-	    (unsigned long long)info.failed);
+	log_info("driver counters: %llu requests, %llu segments, %llu bytes, %llu busy, %llu failed",
+		 (unsigned long long)info.requests,
+		 (unsigned long long)info.segments,
+		 (unsigned long long)info.bytes, (unsigned long long)info.busy,
+		 (unsigned long long)info.failed);
 	check_kernel_api_and_unload(buf);
 	if (n_failed)
 		status = EXIT_FAIL;
@@ -799,10 +821,10 @@ int main(void)
 		status = EXIT_INCONCLUSIVE;
 	else
 		status = EXIT_PASS;
-	say("verdict %s: %u checks passed, %u failed%s",
-	    status == EXIT_PASS ? "PASS" : status == EXIT_FAIL ? "FAIL" :
-	    "INCONCLUSIVE", n_passed, n_failed,
-	    probe_inconclusive ? ", Flush+Reload inconclusive" : "");
+	log_info("verdict %s: %u checks passed, %u failed%s",
+		 status == EXIT_PASS ? "PASS" : status == EXIT_FAIL ? "FAIL" :
+		 "INCONCLUSIVE", n_passed, n_failed,
+		 probe_inconclusive ? ", Flush+Reload inconclusive" : "");
 	end_vm(status);
 	return status;
 }
