@@ -296,6 +296,54 @@ static void check_ranges(uint8_t *buf, const struct pvflush_info *info0)
 	}
 }
 
+/*
+ * A range whose pages are physically scattered needs one segment per page,
+ * more than one request holds: the driver must split it.  Touching two
+ * buffers' pages alternately (no huge pages) leaves no two pages of one
+ * buffer physically adjacent.
+ */
+static void check_segment_split(const struct pvflush_info *info)
+{
+	const unsigned long pages = 1024;
+	unsigned long long reqs, segs, bytes;
+	struct pvflush_info a, b;
+	uint8_t *one, *other;
+	unsigned long i;
+	int err;
+
+	one = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	other = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE,
+		     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (one == MAP_FAILED || other == MAP_FAILED) {
+		check(false, "range-split-into-requests", "mmap: %s",
+		      strerror(errno));
+		return;
+	}
+	madvise(one, pages * PAGE, MADV_NOHUGEPAGE);
+	madvise(other, pages * PAGE, MADV_NOHUGEPAGE);
+	for (i = 0; i < pages; i++) {
+		one[i * PAGE] = 1;
+		other[i * PAGE] = 1;
+	}
+	get_info(&a);
+	err = flush_range(one + 1, pages * PAGE - 1);
+	get_info(&b);
+	reqs = b.requests - a.requests;
+	segs = b.segments - a.segments;
+	bytes = b.bytes - a.bytes;
+	check(err == 0 && bytes == pages * PAGE - 1 &&
+	      segs > info->segments_per_request &&
+	      reqs >= (segs + info->segments_per_request - 1) /
+		      info->segments_per_request,
+	      "range-split-into-requests",
+	      "%s; %llu segments in %llu requests of at most %u, %llu bytes",
+	      err ? strerror(err) : "OK", segs, reqs,
+	      info->segments_per_request, bytes);
+	munmap(one, pages * PAGE);
+	munmap(other, pages * PAGE);
+}
+
 static void check_flush_all(const struct pvflush_info *info)
 {
 	bool offered = info->features & (1ULL << VIRTIO_CACHE_FLUSH_F_FULL);
@@ -794,6 +842,7 @@ int main(void)
 			busy_pid = spawn_busy(busy, 1);
 	}
 	check_ranges(buf, &info);
+	check_segment_split(&info);
 	check_flush_all(&info);
 	check_hostile(buf);
 	check_probe(&info);
