@@ -18,16 +18,39 @@ impl Trigger for NoTrigger {
     }
 }
 
-/// A 16550 UART (vm-superio) whose output goes to `W`.
-pub struct SerialPort<W: Write + Send> {
-    serial: Serial<NoTrigger, vm_superio::serial::NoEvents, W>,
+/// An interrupt line that is an eventfd: the VMM registers it as a KVM
+/// irqfd, so raising it injects the UART's IRQ without leaving the kernel
+/// (Linux's 8250 driver transmits from its THRE interrupt).
+#[derive(Debug)]
+pub struct EventFdTrigger(pub vmm_sys_util::eventfd::EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.write(1)
+    }
+}
+
+/// A 16550 UART (vm-superio) whose output goes to `W` and whose interrupt
+/// is `T` (none by default: the bundled guest polls).
+pub struct SerialPort<W: Write + Send, T: Trigger = NoTrigger> {
+    serial: Serial<T, vm_superio::serial::NoEvents, W>,
 }
 
 impl<W: Write + Send> SerialPort<W> {
-    /// A UART writing to `out`.
+    /// A UART writing to `out`, with no interrupt.
     pub fn new(out: W) -> Self {
         Self {
             serial: Serial::new(NoTrigger, out),
+        }
+    }
+}
+
+impl<W: Write + Send, T: Trigger> SerialPort<W, T> {
+    /// A UART writing to `out` that raises `interrupt`.
+    pub fn with_interrupt(out: W, interrupt: T) -> Self {
+        Self {
+            serial: Serial::new(interrupt, out),
         }
     }
 
@@ -37,7 +60,7 @@ impl<W: Write + Send> SerialPort<W> {
     }
 }
 
-impl<W: Write + Send> BusDevice for SerialPort<W> {
+impl<W: Write + Send, T: Trigger + Send> BusDevice for SerialPort<W, T> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (u8::try_from(offset), data.len()) {
             (Ok(offset), 1) => data[0] = self.serial.read(offset),

@@ -98,6 +98,17 @@ pub fn write_boot_structures(
     write_page_tables(memory, map_end)
 }
 
+/// The GDT and the identity page tables alone, for a kernel with its own
+/// boot information (a Linux kernel gets `boot_params` instead of
+/// `BootInfo`): the same long-mode start as the bundled guest.
+pub fn write_gdt_and_page_tables(
+    memory: &GuestMemoryMmap,
+    ram: &[RamRegion],
+) -> Result<(), BootError> {
+    write_gdt(memory)?;
+    write_page_tables(memory, identity_map_end(ram))
+}
+
 /// Flat 64-bit descriptors, in the order of `cache_flush_abi::boot::gdt`.
 const GDT_ENTRIES: [u64; 5] = [
     0,                     // null

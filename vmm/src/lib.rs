@@ -13,6 +13,10 @@
 //! * [`metrics`]: `--metrics` JSON.
 //! * [`reload_probe`]: Flush+Reload from the host through its own mappings
 //!   (the host half of the `host-probe` scenario).
+//! * [`linux`]: booting a stock Linux kernel (bzImage or vmlinux, ACPI,
+//!   console watch).
+//! * [`host_quirks`]: work-arounds for hosts whose KVM interprets guest
+//!   ring 0, for Linux guests only.
 //! * [`vm`]: puts it all together and runs the control loop.
 #![deny(missing_docs)]
 
@@ -20,6 +24,8 @@ pub mod alias;
 pub mod bench;
 pub mod boot;
 pub mod flush_engine;
+pub mod host_quirks;
+pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod metrics;

@@ -24,9 +24,15 @@ Exit codes:
 #[command(version, about, after_help = EXIT_CODES, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// Guest kernel: a static ELF64 x86-64 executable loaded at or above
-    /// 1 MiB. Defaults to the guest bundled in this binary.
+    /// 1 MiB, or a Linux kernel (a bzImage such as /boot/vmlinuz-*, or an
+    /// ELF vmlinux; told from the file). Defaults to the guest bundled in
+    /// this binary.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+
+    /// Initial RAM disk (cpio) of a Linux guest.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
 
     /// Number of vCPUs (1 to 32).
     #[arg(long, value_name = "N", default_value_t = 1,
@@ -39,9 +45,23 @@ struct Cli {
           value_parser = clap::value_parser!(u64).range(vmm::memory::MIN_MEMORY_MIB..=vmm::memory::MAX_MEMORY_MIB))]
     memory: u64,
 
-    /// Kernel command line; the bundled guest reads `scenario=NAME`.
-    #[arg(long, value_name = "STR", default_value = "scenario=demo")]
-    cmdline: String,
+    /// Kernel command line; the bundled guest reads `scenario=NAME`
+    /// (default `scenario=demo`). For a Linux kernel these parameters come
+    /// after the ones the VMM adds (console, host quirks).
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+
+    /// Work-arounds that let a Linux guest boot on a host whose KVM
+    /// interprets guest ring 0 (no vmx/svm): auto (on exactly there), on,
+    /// off.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    host_quirks: vmm::host_quirks::QuirkMode,
+
+    /// End the VM (exit code 4) if the guest has given no verdict after
+    /// SECS seconds.
+    #[arg(long, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
 
     /// Do not offer FLUSH_ALL: the guest's full-flush call then reports
     /// Unsupported, as on a platform that cannot flush whole caches.
@@ -173,11 +193,23 @@ fn run(cli: Cli) -> Result<VmOutcome, Box<dyn std::error::Error>> {
             .map_err(|e| format!("cannot read kernel {}: {e}", path.display()))?,
         None => vmm::BUNDLED_GUEST_KERNEL.to_vec(),
     };
+    let initrd = match &cli.initrd {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| format!("cannot read initrd {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let linux = vmm::linux::kernel_format(&kernel).is_linux();
+    let cmdline = cli.cmdline.unwrap_or_else(|| match linux {
+        true => String::new(),
+        false => "scenario=demo".into(),
+    });
     let config = VmConfig {
         kernel,
         vcpus: cli.vcpus,
         memory_mib: cli.memory,
-        cmdline: cli.cmdline,
+        cmdline,
         full_flush: !cli.no_full_flush,
         full_flush_rate: cli.full_flush_rate,
         range_flush_rate: cli.range_flush_rate,
@@ -187,6 +219,9 @@ fn run(cli: Cli) -> Result<VmOutcome, Box<dyn std::error::Error>> {
         }),
         handle_signals: true,
         serial_out: None,
+        initrd,
+        host_quirks: cli.host_quirks,
+        timeout: cli.timeout.map(std::time::Duration::from_secs),
     };
     let vm = Vm::new(&config)?;
     let running = vm.start()?;

@@ -20,18 +20,25 @@ use devices::bus::Bus;
 use devices::cache_flush::device::{CacheFlush, CacheFlushSettings, DeviceError};
 use devices::cache_flush::handler::CacheFlushHandler;
 use devices::cache_flush::metrics::CacheFlushMetrics;
-use devices::legacy::SerialPort;
+use devices::legacy::{EventFdTrigger, SerialPort};
 use devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::NoInterrupt;
+use devices::virtio::{NoInterrupt, VirtioInterrupt};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::alias::{AliasError, SharedAlias};
 use crate::boot::{self, BootError};
 use crate::flush_engine::FlushEngine;
+use crate::host_quirks::syscall_remedy::SyscallRemedy;
+use crate::host_quirks::{HostQuirks, QuirkMode, VcpuQuirks};
+use crate::linux::console::{ConsoleWatch, GuestLifecycle};
+use crate::linux::{self, LinuxError};
 use crate::loader::{self, LoadedKernel, LoaderError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::metrics::{MetricsConfig, MetricsSources, MetricsWriter};
@@ -66,6 +73,13 @@ pub struct VmConfig {
     /// Where the guest's UART output goes: the VMM's stdout (`None`), or
     /// appended to this buffer (the bench reads the guest's results here).
     pub serial_out: Option<Arc<Mutex<Vec<u8>>>>,
+    /// The initial RAM disk of a Linux guest.
+    pub initrd: Option<Vec<u8>>,
+    /// Whether a Linux guest gets the work-arounds for hosts that interpret
+    /// guest ring 0 ([`crate::host_quirks`]).
+    pub host_quirks: QuirkMode,
+    /// End the VM (as a crash) if the guest has not ended it by then.
+    pub timeout: Option<Duration>,
 }
 
 impl VmConfig {
@@ -83,6 +97,9 @@ impl VmConfig {
             metrics: None,
             handle_signals: false,
             serial_out: None,
+            initrd: None,
+            host_quirks: QuirkMode::Auto,
+            timeout: None,
         }
     }
 }
@@ -114,6 +131,9 @@ pub enum VmError {
     /// Boot structures.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// A Linux kernel, its initrd or its boot structures.
+    #[error(transparent)]
+    Linux(#[from] LinuxError),
     /// The vCPU control channel.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -157,6 +177,7 @@ pub struct Vm {
     handle_signals: bool,
     metrics: Option<MetricsConfig>,
     flush: CacheFlushService,
+    timeout: Option<Duration>,
 }
 
 /// The cache-flush device as the VM keeps it: its queue worker (added to the
@@ -174,12 +195,25 @@ impl Vm {
             return Err(VmError::VcpuCount(config.vcpus));
         }
         let ram = GuestRam::new(config.memory_mib)?;
+        // A Linux kernel is unpacked (bzImage) and checked like any other.
+        let format = linux::kernel_format(&config.kernel);
+        let linux_kernel = match format.is_linux() {
+            true => Some(linux::unpack(&config.kernel, format)?),
+            false if config.initrd.is_some() => return Err(LinuxError::InitrdWithoutLinux.into()),
+            false => None,
+        };
+        let image = linux_kernel
+            .as_ref()
+            .map_or(config.kernel.as_slice(), |k| k.vmlinux.as_slice());
         // Validate the kernel before touching KVM, so a bad file gives its own
         // error even on a host without KVM.
-        loader::validate(&config.kernel, &ram.layout)?;
+        loader::validate(image, &ram.layout)?;
 
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        if linux_kernel.is_some() {
+            create_interrupt_controllers(&vm_fd)?;
+        }
         for (slot, region) in ram.memory.iter().enumerate() {
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -194,13 +228,23 @@ impl Vm {
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
-        let kernel = loader::load(&config.kernel, &ram.memory, &ram.layout)?;
+        let kernel = loader::load(image, &ram.memory, &ram.layout)?;
 
+        let outcome = OutcomeSink::new().map_err(|source| VmError::Os {
+            what: "the outcome eventfd",
+            source,
+        })?;
         let mut pio = Bus::new();
-        let serial = Arc::new(Mutex::new(SerialPort::new(SerialSink(
-            config.serial_out.clone(),
-        ))));
-        pio.insert(u64::from(SERIAL_PORT), 8, serial)?;
+        let linux_guest = match &linux_kernel {
+            Some(_) => Some(LinuxGuest::new(config, &vm_fd, &ram, &outcome, &mut pio)?),
+            None => {
+                let serial = Arc::new(Mutex::new(SerialPort::new(SerialSink(
+                    config.serial_out.clone(),
+                ))));
+                pio.insert(u64::from(SERIAL_PORT), 8, serial)?;
+                None
+            }
+        };
         let mut mmio = Bus::new();
         let mut device_table = vec![
             DeviceEntry {
@@ -217,21 +261,26 @@ impl Vm {
             },
         ];
         let control = VcpuControl::new(config.vcpus as usize);
-        let (flush, flush_entry) = attach_cache_flush(config, &vm_fd, &ram, &control, &mut mmio)?;
+        let flush_interrupt: Arc<dyn VirtioInterrupt> = match &linux_guest {
+            Some(_) => Arc::new(IrqLine::new(&vm_fd, linux::FIRST_VIRTIO_GSI)?),
+            None => Arc::new(NoInterrupt),
+        };
+        let (flush, flush_entry) =
+            attach_cache_flush(config, &vm_fd, &ram, &control, &mut mmio, flush_interrupt)?;
         device_table.push(flush_entry);
 
-        boot::write_boot_structures(
-            &ram.memory,
-            &ram.layout,
-            config.vcpus,
-            &config.cmdline,
-            &device_table,
-        )?;
-
-        let outcome = OutcomeSink::new().map_err(|source| VmError::Os {
-            what: "the outcome eventfd",
-            source,
-        })?;
+        match (&linux_kernel, &linux_guest) {
+            (Some(linux_kernel), Some(guest)) => {
+                guest.write_boot(config, linux_kernel, kernel, &ram, &flush_entry)?
+            }
+            _ => boot::write_boot_structures(
+                &ram.memory,
+                &ram.layout,
+                config.vcpus,
+                &config.cmdline,
+                &device_table,
+            )?,
+        }
         let stats = Arc::new(VcpuStats::default());
         let halted = Arc::new(AtomicU64::new(0));
         let buses = IoBuses { pio, mmio };
@@ -249,14 +298,29 @@ impl Vm {
                 if entry.function == 1 {
                     entry.ebx = (entry.ebx & 0x00ff_ffff) | (index << 24);
                 }
+                // Leaves 0xB/0x1F: the x2APIC ID, which Linux reads too.
+                if linux_guest.is_some() && matches!(entry.function, 0xb | 0x1f) {
+                    entry.edx = index;
+                }
+            }
+            if let Some(guest) = &linux_guest {
+                guest.quirks.mask_cpuid(&mut cpuid);
             }
             fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-            fd.set_sregs(&boot::initial_sregs(sregs))
-                .map_err(kvm_err("KVM_SET_SREGS"))?;
-            fd.set_regs(&boot::initial_regs(kernel.entry, index))
-                .map_err(kvm_err("KVM_SET_REGS"))?;
-            vcpus.push(Vcpu::new(
+            // A Linux guest's other vCPUs wait in the in-kernel local APIC
+            // for the boot processor's INIT/SIPI.
+            let starts_here = linux_guest.is_none() || index == 0;
+            if starts_here {
+                let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                fd.set_sregs(&boot::initial_sregs(sregs))
+                    .map_err(kvm_err("KVM_SET_SREGS"))?;
+                let regs = match &linux_guest {
+                    Some(_) => linux::initial_regs(kernel.entry),
+                    None => boot::initial_regs(kernel.entry, index),
+                };
+                fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            }
+            let mut vcpu = Vcpu::new(
                 index as usize,
                 fd,
                 buses.clone(),
@@ -264,7 +328,11 @@ impl Vm {
                 outcome.clone(),
                 stats.clone(),
                 halted.clone(),
-            ));
+            );
+            if let Some(quirks) = linux_guest.as_ref().and_then(|g| g.vcpu_quirks.clone()) {
+                vcpu = vcpu.with_quirks(quirks);
+            }
+            vcpus.push(vcpu);
         }
 
         Ok(Self {
@@ -279,6 +347,7 @@ impl Vm {
             handle_signals: config.handle_signals,
             metrics: config.metrics.clone(),
             flush,
+            timeout: config.timeout,
         })
     }
 
@@ -324,6 +393,7 @@ impl Vm {
             stats: self.stats,
             threads,
             signals,
+            timeout: self.timeout,
         })
     }
 }
@@ -341,6 +411,7 @@ pub struct RunningVm {
     stats: Arc<VcpuStats>,
     threads: Vec<JoinHandle<()>>,
     signals: Option<SignalWatcher>,
+    timeout: Option<Duration>,
 }
 
 impl RunningVm {
@@ -387,6 +458,9 @@ impl RunningVm {
 
     /// Runs the control loop until the VM ends, then stops every vCPU.
     pub fn wait(mut self) -> Result<VmOutcome, VmError> {
+        let _deadline = self
+            .timeout
+            .map(|t| Deadline::start(t, self.outcome.clone()));
         let done = Arc::new(AtomicBool::new(false));
         let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(VmError::EventLoop)?;
@@ -475,6 +549,7 @@ fn attach_cache_flush(
     ram: &GuestRam,
     control: &Arc<VcpuControl>,
     mmio: &mut Bus,
+    interrupt: Arc<dyn VirtioInterrupt>,
 ) -> Result<(CacheFlushService, DeviceEntry), VmError> {
     let engine = FlushEngine::new(control.clone(), ram.memory.clone());
     let (full_flush_cost_ns, full_break_even_bytes) = engine.measure_full_flush();
@@ -493,7 +568,7 @@ fn attach_cache_flush(
     let device = CacheFlush::new(settings)?;
     let metrics = device.metrics();
     let handler = device.handler(Box::new(engine.clone()));
-    let transport = MmioTransport::new(device, ram.memory.clone(), Arc::new(NoInterrupt))?;
+    let transport = MmioTransport::new(device, ram.memory.clone(), interrupt)?;
     let base = MMIO_DEVICES_START;
     for (queue, eventfd) in transport.queue_notify_eventfds() {
         vm_fd
@@ -631,5 +706,190 @@ impl MutEventSubscriber for SignalWatcher {
             log::warn!("received signal {signo}; stopping the VM");
             self.outcome.report(VmOutcome::Signal(signo));
         }
+    }
+}
+
+/// Ends the VM as a crash if it is still running after its timeout. The
+/// thread leaves as soon as the `Deadline` is dropped.
+struct Deadline {
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Deadline {
+    fn start(timeout: Duration, outcome: Arc<OutcomeSink>) -> Self {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("vm-timeout".into())
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(timeout)
+                {
+                    outcome.report(VmOutcome::Crash {
+                        vcpu: None,
+                        reason: format!(
+                            "no verdict from the guest within --timeout {} s (hung, or still booting)",
+                            timeout.as_secs()
+                        ),
+                    });
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the --timeout thread: {e}; the VM runs without a timeout");
+        }
+        Self { _stop: stop }
+    }
+}
+
+/// An interrupt line of the in-kernel irqchip, raised through a KVM irqfd:
+/// how a Linux guest hears from the cache-flush device.
+struct IrqLine(EventFd);
+
+impl IrqLine {
+    fn new(vm_fd: &VmFd, gsi: u32) -> Result<Self, VmError> {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
+            what: "an irqfd",
+            source,
+        })?;
+        vm_fd
+            .register_irqfd(&fd, gsi)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        Ok(Self(fd))
+    }
+}
+
+impl VirtioInterrupt for IrqLine {
+    fn signal_used_queue(&self, _queue_index: u16) {
+        if let Err(e) = self.0.write(1) {
+            log::warn!("cannot raise the device interrupt: {e}");
+        }
+    }
+    fn signal_config_change(&self) {
+        self.signal_used_queue(0);
+    }
+}
+
+/// KVM's in-kernel PIC, IOAPIC, local APICs and PIT, which a Linux guest
+/// needs (timer interrupts, SMP bring-up, device interrupts). The bundled
+/// guest polls and runs without them.
+fn create_interrupt_controllers(vm_fd: &VmFd) -> Result<(), VmError> {
+    // VMX needs three pages for the real-mode TSS; in the MMIO hole, below
+    // the IOAPIC, where no device lives.
+    vm_fd
+        .set_tss_address(0xfffb_d000)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    // The dummy speaker port (0x61) keeps Linux's PIT calibration in the kernel.
+    vm_fd
+        .create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))
+}
+
+/// The parts of a VM that only a Linux guest has: the host quirks, the
+/// console watch, the UART's interrupt and the legacy platform ports.
+struct LinuxGuest {
+    quirks: HostQuirks,
+    vcpu_quirks: Option<Arc<VcpuQuirks>>,
+    syscall_remedy: Option<Arc<SyscallRemedy>>,
+}
+
+impl LinuxGuest {
+    fn new(
+        config: &VmConfig,
+        vm_fd: &VmFd,
+        ram: &GuestRam,
+        outcome: &Arc<OutcomeSink>,
+        pio: &mut Bus,
+    ) -> Result<Self, VmError> {
+        let quirks = HostQuirks::resolve(config.host_quirks);
+        let syscall_remedy = quirks.active().then(|| {
+            Arc::new(SyscallRemedy::new(
+                ram.memory.clone(),
+                linux::remedy_page(&ram.layout),
+            ))
+        });
+        let vcpu_quirks = quirks.active().then(|| {
+            Arc::new(VcpuQuirks {
+                syscall_remedy: syscall_remedy.clone(),
+                ..VcpuQuirks::default()
+            })
+        });
+        let lifecycle = Arc::new(GuestLifecycle::new(outcome.clone(), syscall_remedy.clone()));
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
+            what: "the UART's irqfd",
+            source,
+        })?;
+        vm_fd
+            .register_irqfd(&irq, linux::SERIAL_GSI)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let console = ConsoleWatch::new(SerialSink(config.serial_out.clone()), lifecycle.clone());
+        let serial = SerialPort::with_interrupt(console, EventFdTrigger(irq));
+        pio.insert(u64::from(SERIAL_PORT), 8, Arc::new(Mutex::new(serial)))?;
+
+        use linux::acpi::{PM1A_EVT_PORT, RESET_PORT, RESET_VALUE};
+        use linux::platform::{
+            AbsentHardware, Pm1Blocks, ResetPort, ABSENT_PORT_RANGES, I8042_RESET_COMMAND,
+        };
+        pio.insert(
+            u64::from(PM1A_EVT_PORT),
+            8,
+            Arc::new(Mutex::new(Pm1Blocks::default())),
+        )?;
+        let reset = ResetPort::new(lifecycle.clone(), RESET_VALUE);
+        pio.insert(u64::from(RESET_PORT), 1, Arc::new(Mutex::new(reset)))?;
+        let i8042 = ResetPort::new(lifecycle, I8042_RESET_COMMAND);
+        pio.insert(0x64, 1, Arc::new(Mutex::new(i8042)))?;
+        for &(base, len) in ABSENT_PORT_RANGES {
+            pio.insert(
+                u64::from(base),
+                u64::from(len),
+                Arc::new(Mutex::new(AbsentHardware)),
+            )?;
+        }
+        Ok(Self {
+            quirks,
+            vcpu_quirks,
+            syscall_remedy,
+        })
+    }
+
+    /// The command line, `boot_params`, the initrd and the ACPI tables.
+    fn write_boot(
+        &self,
+        config: &VmConfig,
+        kernel: &linux::LinuxKernel,
+        loaded: LoadedKernel,
+        ram: &GuestRam,
+        flush_entry: &DeviceEntry,
+    ) -> Result<(), VmError> {
+        boot::write_gdt_and_page_tables(&ram.memory, &ram.layout)?;
+        let cmdline = linux::compose_cmdline(&config.cmdline, &self.quirks.kernel_parameters());
+        log::info!("linux: command line: {cmdline}");
+        let tables = linux::acpi::build(
+            linux::ACPI_GPA,
+            &linux::acpi::AcpiPlatform {
+                vcpus: config.vcpus,
+                serial: (SERIAL_PORT, linux::SERIAL_GSI),
+                virtio_mmio: vec![(flush_entry.base, flush_entry.size, linux::FIRST_VIRTIO_GSI)],
+            },
+        );
+        linux::write_boot(
+            &ram.memory,
+            &linux::LinuxBootSetup {
+                kernel,
+                loaded,
+                initrd: config.initrd.as_deref(),
+                cmdline: &cmdline,
+                ram: &ram.layout,
+                reserved: self.syscall_remedy.as_ref().map(|r| r.reserved()),
+                acpi: Some(&tables),
+            },
+        )?;
+        Ok(())
     }
 }

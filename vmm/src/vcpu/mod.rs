@@ -105,6 +105,8 @@ pub struct Vcpu {
     outcome: Arc<OutcomeSink>,
     stats: Arc<VcpuStats>,
     halted: Arc<AtomicU64>,
+    /// Host quirks this vCPU applies (Linux guests on hosts that need them).
+    quirks: Option<Arc<crate::host_quirks::VcpuQuirks>>,
 }
 
 /// Unclaimed accesses are logged for the first few, then every this many, so
@@ -131,7 +133,14 @@ impl Vcpu {
             outcome,
             stats,
             halted,
+            quirks: None,
         }
+    }
+
+    /// Applies `quirks` after this vCPU's exits (see [`crate::host_quirks`]).
+    pub fn with_quirks(mut self, quirks: Arc<crate::host_quirks::VcpuQuirks>) -> Self {
+        self.quirks = Some(quirks);
+        self
     }
 
     /// The thread body: runs until the guest ends, the VM crashes or the
@@ -162,14 +171,28 @@ impl Vcpu {
             self.control.after_run(self.index);
             let step = match dispatch(self.index, &self.buses, &self.stats, result) {
                 Ok(step) => step,
+                Err(Conclusion::InternalError) if self.complete_emulation_gap() => {
+                    Step::Continue { io: false }
+                }
                 Err(conclusion) => self.conclude(conclusion),
             };
+            if let Some(quirks) = &self.quirks {
+                quirks.after_exit(&self.fd, self.index);
+            }
             match step {
                 Step::Continue { io } => pending_io = io,
                 Step::Stop => break,
             }
         }
         self.control.exited(self.index);
+    }
+
+    /// An emulation failure the host quirks know how to complete.
+    fn complete_emulation_gap(&mut self) -> bool {
+        match self.quirks.clone() {
+            Some(quirks) => quirks.complete_emulation_gap(&mut self.fd, self.index),
+            None => false,
+        }
     }
 
     /// After an I/O or MMIO exit the instruction completes only at the next
