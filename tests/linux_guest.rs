@@ -46,6 +46,7 @@ const REQUIRED: &[&str] = &[
     "hostile-unknown-ioctl",
     "hostile-wrong-size-ioctl",
     "hostile-nothing-reached-the-device",
+    "hostile-no-request-refused-by-host",
     "read-only-mapping",
     "healthy-after-hostile",
     "probe-range-evicts",

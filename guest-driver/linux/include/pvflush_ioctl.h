@@ -5,7 +5,8 @@
  *
  * Every ioctl returns 0 or -1 with errno:
  *   EFAULT   the argument pointer, or a page of the range, is not readable
- *            user memory (unmapped, PROT_NONE, kernel address)
+ *            user memory (unmapped, PROT_NONE, kernel address); the pages
+ *            of the range before that one may have been flushed
  *   EINVAL   addr + len wraps around
  *   EBUSY    the host's rate limit refused the request, also after retries;
  *            nothing more was flushed
