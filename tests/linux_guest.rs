@@ -18,8 +18,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A hang guard, not a timing assertion: a quiet machine boots to the
-/// verdict in about four minutes, a loaded one in twice that.
-const HANG_GUARD: Duration = Duration::from_secs(20 * 60);
+/// verdict in minutes, one shared with other builds took over 20 (the
+/// guest kernel's ring 0 is emulated and competes for the cores).
+const HANG_GUARD: Duration = Duration::from_secs(40 * 60);
 
 const INSTALL: &str = "apt-get install -y linux-image-cloud-amd64 linux-headers-cloud-amd64 cpio";
 
