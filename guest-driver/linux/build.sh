@@ -44,6 +44,8 @@ CONFIG=/boot/config-$KVER
 MODDIR=/lib/modules/$KVER
 
 rm -rf "$OUT"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)	# kbuild needs M= absolute
 mkdir -p "$OUT/src" "$OUT/initramfs/dev" "$OUT/initramfs/lib/modules"
 
 # The module, out of tree, in a copy so the source folder stays clean.
