@@ -143,7 +143,16 @@ fn build_init(dir: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(&binary).map_err(|e| e.to_string())
 }
 
+// One Linux boot takes about 13 minutes on this project's hosts (every guest
+// ring-0 instruction interpreted), and `tests/linux_guest.rs` boots the same
+// kernel on 2 vCPUs with the driver and checks more; a second boot in every
+// `cargo test` would double that. This test stays for the VMM side alone
+// (no module build, no headers): `cargo test -p vmm --test linux_boot --
+// --ignored`. The VMM booted this test's initramfs here on 2026-12-01
+// (release build, 2 vCPUs): `/init` ran, CPUs 0-1 online, LNRO0005:00
+// present, exit 0, in 12 min 57 s.
 #[test]
+#[ignore = "boots Linux a second time (~13 min here); tests/linux_guest.rs covers the boot: run with --ignored"]
 fn debian_kernel_boots_to_init_on_two_vcpus() {
     let name = "linux_boot";
     if !common::kvm_or_skip(name) {

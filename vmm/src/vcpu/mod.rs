@@ -310,29 +310,19 @@ impl Vcpu {
     /// any other, until `KVM_RUN` returns `EINTR` (nothing left pending).
     /// An exit that ends the vCPU is returned for the caller to act on.
     fn complete_pending_io(&mut self) -> Result<(), Conclusion> {
-        // A guest cannot keep this going: each round trip advances one
-        // instruction's pending I/O; the bound only guards against a host
-        // that never returns EINTR.
-        const MAX_TRIPS: usize = 4096;
-        for _ in 0..MAX_TRIPS {
-            self.fd.set_kvm_immediate_exit(1);
-            let result = self.fd.run();
-            match &result {
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(()),
-                _ => {}
-            }
-            self.stats.pending_io_trips.fetch_add(1, Ordering::Relaxed);
-            match dispatch(self.index, &self.buses, &self.stats, result)? {
+        let (fd, index, buses, stats) = (&mut self.fd, self.index, &self.buses, &self.stats);
+        drain_pending_exits(stats, || {
+            fd.set_kvm_immediate_exit(1);
+            match fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    Trip::Interrupted
+                }
                 // A notify seen here is served by the event loop: the bus
                 // write signalled the queue's eventfd, and this thread is
                 // about to park for someone else's pause.
-                Step::Continue { .. } => {}
-                Step::Stop => return Ok(()),
+                result => Trip::Exit(dispatch(index, buses, stats, result)),
             }
-        }
-        Err(Conclusion::Failed(format!(
-            "completing a pending exit took more than {MAX_TRIPS} trips to user space"
-        )))
+        })
     }
 
     fn crash(&self, reason: String) -> Step {
@@ -492,6 +482,44 @@ fn dispatch(
     }
 }
 
+/// One re-entry of `KVM_RUN` with `immediate_exit` set, while completing a
+/// pending exit.
+enum Trip {
+    /// `EINTR`: nothing was pending any more.
+    Interrupted,
+    /// Another exit, already dispatched.
+    Exit(Result<Step, Conclusion>),
+}
+
+/// The loop of [`Vcpu::complete_pending_io`], apart from KVM so that it can
+/// be tested: re-enter until `KVM_RUN` says nothing is pending, serving every
+/// exit on the way (an instruction may need several: string PIO, an MMIO
+/// access split across pages). An exit that ends the vCPU is returned.
+fn drain_pending_exits(
+    stats: &VcpuStats,
+    mut trip: impl FnMut() -> Trip,
+) -> Result<(), Conclusion> {
+    // A guest cannot keep this going: each round trip advances one
+    // instruction's pending I/O; the bound only guards against a host that
+    // never returns EINTR.
+    const MAX_TRIPS: usize = 4096;
+    for _ in 0..MAX_TRIPS {
+        match trip() {
+            Trip::Interrupted => return Ok(()),
+            Trip::Exit(step) => {
+                stats.pending_io_trips.fetch_add(1, Ordering::Relaxed);
+                match step? {
+                    Step::Continue { .. } => {}
+                    Step::Stop => return Ok(()),
+                }
+            }
+        }
+    }
+    Err(Conclusion::Failed(format!(
+        "completing a pending exit took more than {MAX_TRIPS} trips to user space"
+    )))
+}
+
 /// An exit after which this vCPU does not run again.
 enum Conclusion {
     GuestExit(u32),
@@ -524,6 +552,55 @@ fn internal_error_name(suberror: u32) -> &'static str {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A scripted `KVM_RUN`: each call takes the next trip.
+    fn script(trips: Vec<Trip>) -> (impl FnMut() -> Trip, Arc<AtomicU64>) {
+        let taken = Arc::new(AtomicU64::new(0));
+        let counter = taken.clone();
+        let mut trips = trips.into_iter();
+        let trip = move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            trips.next().expect("re-entered after EINTR")
+        };
+        (trip, taken)
+    }
+
+    fn io() -> Trip {
+        Trip::Exit(Ok(Step::Continue {
+            io: true,
+            notify: None,
+        }))
+    }
+
+    #[test]
+    fn a_second_exit_while_completing_a_pending_one_is_served_not_dropped() {
+        // A string PIO that needs two more trips to user space before
+        // KVM_RUN returns EINTR: both are served (the VMM used to re-enter
+        // once and drop the second exit with a warning).
+        let stats = VcpuStats::default();
+        let (trip, taken) = script(vec![io(), io(), Trip::Interrupted]);
+        assert!(drain_pending_exits(&stats, trip).is_ok());
+        assert_eq!(taken.load(Ordering::SeqCst), 3);
+        assert_eq!(stats.pending_io_trips.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn an_exit_that_ends_the_vcpu_while_completing_is_returned() {
+        let stats = VcpuStats::default();
+        let (trip, taken) = script(vec![io(), Trip::Exit(Err(Conclusion::GuestExit(7)))]);
+        assert!(matches!(
+            drain_pending_exits(&stats, trip),
+            Err(Conclusion::GuestExit(7))
+        ));
+        assert_eq!(taken.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_host_that_never_says_eintr_is_a_bounded_failure() {
+        let stats = VcpuStats::default();
+        let result = drain_pending_exits(&stats, io);
+        assert!(matches!(result, Err(Conclusion::Failed(_))));
+    }
 
     #[test]
     fn a_panicking_vcpu_thread_unregisters_and_is_reported() {
