@@ -13,6 +13,11 @@
 //! * `part=full touch=BYTES reps=N`: vCPU 0 dirties `touch` bytes of scratch
 //!   RAM (making them resident), then `reps` times re-dirties them and makes
 //!   one full flush: `bench: full touch=T floor=F dev=D`.
+//! * `part=writes size=BYTES reps=N`: vCPU 0 writes one `u64` in every
+//!   4 KiB page of `size` bytes (first touches since the last flush: with
+//!   `--audit` each one takes KVM's write-protect fault) and then flushes
+//!   them with one range flush, `reps` times: `bench: writes size=S pages=P
+//!   write=W flush=F`. The dirty-page audit's cost, with and without.
 //! * `part=tput size=BYTES requests=N`: every vCPU flushes its own `size`
 //!   bytes `requests` times, all at once; vCPU 0 times the whole burst
 //!   between two barriers: `bench: tput vcpus=V requests=N size=S cycles=C`.
@@ -52,7 +57,12 @@ fn run(env: &Env) -> Outcome {
         "range" => range(env, &flush),
         "full" => full(env, &flush),
         "tput" => throughput(env, &flush),
-        other => return env.bad_option(format_args!("part={other}: expected range, full or tput")),
+        "writes" => writes(env, &flush),
+        other => {
+            return env.bad_option(format_args!(
+                "part={other}: expected range, full, tput or writes"
+            ))
+        }
     };
     if env.is_first() && outcome == Outcome::Exit(status::SUCCESS) {
         crate::println!("bench: done");
@@ -142,6 +152,42 @@ fn full(env: &Env, flush: &Flush) -> Outcome {
             return crate::fail!("bench: FAILED: full flush: {e}");
         }
         crate::println!("bench: full touch={touch} floor={floor} dev={dev}");
+    }
+    Outcome::Exit(status::SUCCESS)
+}
+
+fn writes(env: &Env, flush: &Flush) -> Outcome {
+    if !env.is_first() {
+        crate::io::busy_forever();
+    }
+    let (size, reps) = match (env.option_u64("size", 16 * MIB), env.option_u64("reps", 5)) {
+        (Ok(size), Ok(reps)) => (size.max(4096), reps),
+        (Err(o), _) | (_, Err(o)) => return o,
+    };
+    let buffer = match Scratch::new(env.boot_info).take(size, 2 * MIB) {
+        Ok(base) => base,
+        Err(e) => return crate::fail!("bench: FAILED: {e}"),
+    };
+    let pages = size / 4096;
+    // Make the pages resident first: the passes time writes, not faults of
+    // never-touched memory.
+    dirty(buffer, size, 0);
+    if let Err(e) = flush.range(buffer, size) {
+        return crate::fail!("bench: FAILED: range flush of {size} B: {e}");
+    }
+    for rep in 0..reps {
+        let write = timed(|| {
+            for page in 0..pages {
+                // SAFETY: inside the scratch buffer taken above.
+                unsafe { ((buffer + page * 4096) as *mut u64).write_volatile(rep ^ page) };
+            }
+        })
+        .1;
+        let (result, flush_cycles) = timed(|| flush.range(buffer, size));
+        if let Err(e) = result {
+            return crate::fail!("bench: FAILED: range flush of {size} B: {e}");
+        }
+        crate::println!("bench: writes size={size} pages={pages} write={write} flush={flush_cycles}");
     }
     Outcome::Exit(status::SUCCESS)
 }

@@ -68,6 +68,8 @@ pub struct Variant {
     pub notify: NotifyPath,
     /// `EngineConfig::inline_max_bytes`; `None` keeps the engine's default.
     pub inline_max_bytes: Option<u64>,
+    /// Keep the dirty-page audit (`--audit`).
+    pub audit: bool,
 }
 
 /// Boots the bundled guest with `scenario=bench` and `args`, waits for it,
@@ -85,6 +87,7 @@ pub fn run(vcpus: u32, memory_mib: u64, args: &str, variant: Variant) -> Result<
         serial_out: Some(sink.clone()),
         notify: variant.notify,
         engine,
+        audit: variant.audit,
         ..VmConfig::new(vmm::BUNDLED_GUEST_KERNEL.to_vec())
     };
     let start = Instant::now();

@@ -116,6 +116,8 @@ pub struct Plan {
     pub tput_requests: u64,
     /// Throughput: bytes per request.
     pub tput_size: u64,
+    /// Audit cost: bytes written (one `u64` per page) and flushed.
+    pub audit_size: u64,
     /// Crossover: smallest and largest size (powers of two between).
     pub cross_min: u64,
     /// See `cross_min`.
@@ -143,6 +145,7 @@ impl Plan {
                 tput_vcpus: vec![1, 2],
                 tput_requests: 20,
                 tput_size: 4096,
+                audit_size: 4 * MIB,
                 cross_min: 64 * 1024,
                 cross_max: 4 * MIB,
                 cross_reps: 3,
@@ -163,6 +166,7 @@ impl Plan {
                 tput_vcpus: vec![1, 2, 4],
                 tput_requests: 200,
                 tput_size: 4096,
+                audit_size: 16 * MIB,
                 cross_min: 64 * 1024,
                 cross_max: 64 * MIB,
                 cross_reps: 10,
@@ -241,6 +245,11 @@ pub struct Samples {
     pub signal: Vec<f64>,
     /// Throughput runs per (notify path, vCPU count).
     pub tput: BTreeMap<(Notify, u32), Vec<TputRun>>,
+    /// Dirty-page audit off/on: guest ring-3 time per first write of a page
+    /// after a flush, ns.
+    pub audit_write_per_page: BTreeMap<bool, Vec<f64>>,
+    /// Dirty-page audit off/on: the range flush of those pages, ns.
+    pub audit_flush: BTreeMap<bool, Vec<f64>>,
 }
 
 /// One throughput run.
@@ -302,6 +311,7 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
                     Variant {
                         notify: path.notify(),
                         inline_max_bytes: None,
+                        audit: false,
                     },
                 )?;
                 for l in run.lines.iter().filter(|l| l.kind == "range") {
@@ -357,6 +367,7 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
                 Variant {
                     notify: NotifyPath::Vcpu,
                     inline_max_bytes: Some(split.inline_max_bytes()),
+                    audit: false,
                 },
             )?;
             for l in run.lines.iter().filter(|l| l.kind == "range") {
@@ -430,6 +441,38 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
                 plan.signal_iters / plan.pause_vcpus.len().max(1) + 1,
             )?);
         }
+        // The dirty-page audit's cost: first writes to pages after a flush
+        // (each a write-protect fault with the audit on) and the range
+        // flush of those pages (which reads the dirty log), off and on.
+        for audit in [false, true] {
+            progress(format_args!(
+                "{tag} writes and flush, 1 vCPU, --audit {}",
+                if audit { "on" } else { "off" }
+            ));
+            let run = guest::run(
+                1,
+                256,
+                &format!(
+                    "part=writes size={} reps={}",
+                    plan.audit_size, plan.range_reps
+                ),
+                Variant {
+                    audit,
+                    ..Variant::default()
+                },
+            )?;
+            for l in run.lines.iter().filter(|l| l.kind == "writes") {
+                let pages = l.get("pages").max(1) as f64;
+                s.audit_write_per_page
+                    .entry(audit)
+                    .or_default()
+                    .push(l.get("write") as f64 * ns / pages);
+                s.audit_flush
+                    .entry(audit)
+                    .or_default()
+                    .push(l.get("flush") as f64 * ns);
+            }
+        }
         // Throughput: every vCPU requesting at once.
         for &vcpus in &plan.tput_vcpus {
             for path in Notify::ALL {
@@ -447,6 +490,7 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
                     Variant {
                         notify: path.notify(),
                         inline_max_bytes: None,
+                        audit: false,
                     },
                 )?;
                 let cycles = run

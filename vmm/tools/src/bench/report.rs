@@ -28,6 +28,16 @@ struct ReportJson {
     crossover: CrossoverJson,
     targets: Vec<TargetRow>,
     notify_paths: NotifyPathsJson,
+    audit: Vec<AuditRow>,
+}
+
+/// The dirty-page audit's cost, off and on.
+#[derive(Serialize)]
+struct AuditRow {
+    audit: bool,
+    bytes: u64,
+    first_write_ns_per_page: Spread,
+    range_flush_ns: Spread,
 }
 
 /// Range flushes on 2 vCPUs always inline against always split.
@@ -713,6 +723,15 @@ pub fn write(
         notify_paths: NotifyPathsJson {
             ioeventfd_wins: ioeventfd_wins.clone(),
         },
+        audit: [false, true]
+            .into_iter()
+            .map(|audit| AuditRow {
+                audit,
+                bytes: plan.audit_size,
+                first_write_ns_per_page: spread(s.audit_write_per_page.get(&audit)),
+                range_flush_ns: spread(s.audit_flush.get(&audit)),
+            })
+            .collect(),
     };
     let mut text = serde_json::to_string_pretty(&report)?;
     text.push('\n');
@@ -1095,6 +1114,25 @@ pub fn write(
             }
         }
     }
+    let (write_off, write_on) = (
+        spread(s.audit_write_per_page.get(&false)),
+        spread(s.audit_write_per_page.get(&true)),
+    );
+    let (flush_off, flush_on) = (
+        spread(s.audit_flush.get(&false)),
+        spread(s.audit_flush.get(&true)),
+    );
+    writeln!(
+        w,
+        "\n## The dirty-page audit's cost\n\nOne vCPU writes one `u64` in every page of {} (first writes since the last flush), then range-flushes them; `--audit` off and on. With the audit, KVM write-protects guest pages to log them, so each first write after a flush takes a fault, and each batch reads the dirty log inside its pause.\n\n| | audit off | audit on | on ÷ off |\n| --- | --- | --- | --- |\n| first write, per page | {} | {} | {:.1}× |\n| range flush of the pages | {} | {} | {:.2}× |",
+        size_name(plan.audit_size),
+        spr(write_off),
+        spr(write_on),
+        write_on.p50 / write_off.p50,
+        spr(flush_off),
+        spr(flush_on),
+        flush_on.p50 / flush_off.p50
+    )?;
     writeln!(
         w,
         "\n## Full flush\n\n![full vs guest size](full_vs_guest_size.svg) ![full vs resident](full_vs_resident.svg)\n\n| guest | touched | full flush | resident bytes flushed | engine pause | engine flush | residency scan alone |\n| --- | --- | --- | --- | --- | --- | --- |"
