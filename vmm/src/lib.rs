@@ -68,6 +68,19 @@ pub mod exit_code {
 
 use vcpu::VmOutcome;
 
+/// An error and its sources as one line: "outer: inner: innermost" (the
+/// `error:` lines of the binaries, and log lines).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
 /// The process exit code for an outcome.
 pub fn exit_code_for(outcome: &VmOutcome) -> i32 {
     match outcome {

@@ -132,7 +132,7 @@ fn main() -> ExitCode {
             ExitCode::from(vmm::exit_code_for(&outcome) as u8)
         }
         Err(e) => {
-            eprintln!("error: {}", error_chain(e.as_ref()));
+            eprintln!("error: {}", vmm::error_chain(e.as_ref()));
             ExitCode::from(exit_code::SETUP_ERROR as u8)
         }
     }
@@ -199,16 +199,4 @@ fn report(outcome: &VmOutcome) {
         }
         VmOutcome::Signal(signo) => eprintln!("vmm: stopped by signal {signo}"),
     }
-}
-
-/// "outer: inner: innermost" on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }

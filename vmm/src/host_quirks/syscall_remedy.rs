@@ -151,7 +151,7 @@ impl SyscallRemedy {
             Ok(report) => log::info!("host quirk: vcpu {vcpu}: ring-3 syscall remedy installed: {report}"),
             Err(e) => log::error!(
                 "host quirk: cannot install the ring-3 syscall remedy ({}); the guest's system calls will fault",
-                crate_error_chain(&e)
+                crate::error_chain(&e)
             ),
         }
     }
@@ -246,17 +246,6 @@ impl SyscallRemedy {
             sregs.idt.base, self.stub_gpa
         ))
     }
-}
-
-fn crate_error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -94,7 +94,7 @@ fn main() -> ExitCode {
             match vmm_tools::bench::run(&vmm_tools::bench::BenchOptions { out, quick }) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("error: bench: {}", error_chain(e.as_ref()));
+                    eprintln!("error: bench: {}", vmm::error_chain(e.as_ref()));
                     ExitCode::from(1)
                 }
             }
@@ -126,7 +126,7 @@ fn host_probe(vcpus: u32, attempts: u32, full_flush: bool, sham: bool) -> ExitCo
     let run = match run_vm(&config, &options) {
         Ok(run) => run,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", vmm::error_chain(&e));
             return ExitCode::from(exit_code::SETUP_ERROR as u8);
         }
     };
@@ -139,7 +139,7 @@ fn host_probe(vcpus: u32, attempts: u32, full_flush: bool, sham: bool) -> ExitCo
             report.passed()
         }
         Err(e) => {
-            eprintln!("error: host-probe: {}", error_chain(e));
+            eprintln!("error: host-probe: {}", vmm::error_chain(e));
             false
         }
     };
@@ -148,16 +148,4 @@ fn host_probe(vcpus: u32, attempts: u32, full_flush: bool, sham: bool) -> ExitCo
         eprintln!("error: the guest's verdict: {:?}", run.outcome);
     }
     ExitCode::from(if passed && guest_ok { 0 } else { 1 })
-}
-
-/// "outer: inner: innermost" on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
