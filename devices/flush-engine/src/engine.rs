@@ -446,15 +446,9 @@ where
         seq: u64,
         batch: &FlushBatch,
         extents: &[Extent],
-        result: &Result<(Vec<ShareRecord>, u64), EngineError>,
+        outcome: BatchOutcome,
+        share_host_cpus: Vec<i32>,
     ) {
-        let (outcome, share_host_cpus) = match result {
-            Ok((shares, _)) => (
-                BatchOutcome::Ok,
-                shares.iter().map(|s| s.host_cpu).collect(),
-            ),
-            Err(e) => (BatchOutcome::HostError(e.to_string()), Vec::new()),
-        };
         self.log.push(FlushLogRecord {
             seq,
             answered_at_ns: self.created.elapsed().as_nanos() as u64,
@@ -566,12 +560,15 @@ where
         let memory = self.memory.memory();
         let fail_unpaused = |e: EngineError, done: BatchCompletion| {
             // Nothing paused, nothing flushed: the requests fail.
-            let result = Err(e);
-            self.log_batch(seq, batch, &[], &result);
-            let Err(e) = result else { unreachable!() };
-            done.complete(Err(FlushError {
-                reason: e.to_string(),
-            }));
+            let reason = e.to_string();
+            self.log_batch(
+                seq,
+                batch,
+                &[],
+                BatchOutcome::HostError(reason.clone()),
+                Vec::new(),
+            );
+            done.complete(Err(FlushError { reason }));
             e
         };
         let extents = match self.extents(&memory, batch) {
@@ -587,10 +584,15 @@ where
                 .map(|(_, _, hook)| hook.clone())
                 .collect()
         };
+        // What the hooks see (a copy of the extents only if a hook runs).
         let paused_batch = Arc::new(PausedBatch {
             seq,
             full: batch.full,
-            extents: extents.clone(),
+            extents: if hooks.is_empty() {
+                Vec::new()
+            } else {
+                extents.clone()
+            },
             requests: batch.requests.clone(),
         });
         let planned = Instant::now();
@@ -611,7 +613,14 @@ where
         });
         // Logged before the answer, so whoever sees the answer finds the
         // record.
-        self.log_batch(seq, batch, &extents, &result);
+        let (outcome, cpus) = match &result {
+            Ok((shares, _)) => (
+                BatchOutcome::Ok,
+                shares.iter().map(|s| s.host_cpu).collect(),
+            ),
+            Err(e) => (BatchOutcome::HostError(e.to_string()), Vec::new()),
+        };
+        self.log_batch(seq, batch, &extents, outcome, cpus);
         match &result {
             Ok(_) => done.complete(Ok(())),
             Err(e) => done.complete(Err(FlushError {
