@@ -151,11 +151,10 @@ fn run_guarded(command: &mut Command) -> (Option<i32>, String, String) {
     )
 }
 
-// One run takes about 20 minutes here (every guest ring-0 instruction is
-// interpreted, and it loads four modules), more than CI's whole budget of
-// 30, and its last run here failed two checks that were fixed after it
-// (see the closing note of the session): it runs on demand until a run
-// passes on CI's kind of machine:
+// One run takes 20-24 minutes here (every guest ring-0 instruction is
+// interpreted, and it loads four modules), most of CI's budget of 30; it
+// passed here once (2026-12-01, 44 checks) and runs on demand until it has
+// passed on CI's kind of machine more than once:
 // `cargo test -p vmm --test linux_guest -- --ignored --nocapture`.
 #[test]
 #[ignore = "boots Linux with the driver (~20 min here): run with --ignored"]
