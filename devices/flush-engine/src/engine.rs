@@ -280,8 +280,9 @@ pub struct FlushEngine<P, AS: GuestAddressSpace> {
     estimate_sink: Arc<Mutex<Option<EstimateSink>>>,
 }
 
-/// Receives a fresh (full-flush cost in ns, break-even range bytes) after
-/// every successful full flush.
+/// Receives a fresh (full-flush cost in ns, break-even range bytes) from
+/// every successful full flush, before the batch is answered (so a driver
+/// that re-reads the figures when it sees its answer finds these).
 pub type EstimateSink = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// The registered pause hooks.
@@ -499,11 +500,12 @@ where
             .sum();
         let bytes = lines * self.line;
         let done = Instant::now();
-        let cost_ns = (done - start).as_nanos().max(1) as u64;
-        let flush_ns = (done - scanned).as_nanos().max(1) as u64;
-        // A range of B bytes costs about B / (bytes / flush_ns).
-        let break_even = (u128::from(cost_ns) * u128::from(bytes) / u128::from(flush_ns)) as u64;
-        (cost_ns, break_even.max(self.line))
+        full_flush_estimate(
+            (scanned - start).as_nanos() as u64,
+            (done - scanned).as_nanos() as u64,
+            bytes,
+            self.line,
+        )
     }
 
     /// The cache-line size flushes work in.
@@ -621,6 +623,15 @@ where
             Err(e) => (BatchOutcome::HostError(e.to_string()), Vec::new()),
         };
         self.log_batch(seq, batch, &extents, outcome, cpus);
+        let plan_ns = (planned - start).as_nanos() as u64;
+        let flush_ns = (flushed - paused).as_nanos() as u64;
+        if let (true, Ok((_, bytes))) = (batch.full, &result) {
+            // Published before the answer: a driver re-reads the figures as
+            // soon as it sees its FLUSH_ALL answered, and must find the ones
+            // this flush measured (the answer may reach it from another
+            // thread before this one returns).
+            self.publish_full_estimate(plan_ns, flush_ns, *bytes);
+        }
         match &result {
             Ok(_) => done.complete(Ok(())),
             Err(e) => done.complete(Err(FlushError {
@@ -635,10 +646,27 @@ where
             shares,
             bytes,
             full: batch.full,
-            plan_ns: (planned - start).as_nanos() as u64,
+            plan_ns,
             pause_ns: (paused - planned).as_nanos() as u64,
-            flush_ns: (flushed - paused).as_nanos() as u64,
+            flush_ns,
         })
+    }
+
+    /// Hands the figures of a full flush that flushed `bytes` to the
+    /// estimate sink, if one is set.
+    fn publish_full_estimate(&self, plan_ns: u64, flush_ns: u64, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let sink = self
+            .estimate_sink
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(sink) = sink {
+            let (cost_ns, break_even) = full_flush_estimate(plan_ns, flush_ns, bytes, self.line);
+            sink(cost_ns, break_even);
+        }
     }
 
     /// Flushes `extents` on the workers of `pause`; returns the share
@@ -775,17 +803,6 @@ where
                     record.pause_ns / 1000,
                     record.flush_ns / 1000
                 );
-                if record.full && record.bytes > 0 {
-                    let sink = self
-                        .estimate_sink
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clone();
-                    if let Some(sink) = sink {
-                        let (cost, break_even) = full_flush_estimate(&record, self.line);
-                        sink(cost, break_even);
-                    }
-                }
                 *self.stats.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
             }
             Err(e) => {
@@ -806,10 +823,9 @@ where
 
 /// A full flush's cost without the pause, and the range size that costs as
 /// much at the bandwidth the flush ran at.
-pub fn full_flush_estimate(record: &FlushRecord, line: u64) -> (u64, u64) {
-    let cost_ns = (record.plan_ns + record.flush_ns).max(1);
-    let flush_ns = record.flush_ns.max(1);
-    let break_even = (u128::from(cost_ns) * u128::from(record.bytes) / u128::from(flush_ns)) as u64;
+pub fn full_flush_estimate(plan_ns: u64, flush_ns: u64, bytes: u64, line: u64) -> (u64, u64) {
+    let cost_ns = (plan_ns + flush_ns).max(1);
+    let break_even = (u128::from(cost_ns) * u128::from(bytes) / u128::from(flush_ns.max(1))) as u64;
     (cost_ns, break_even.max(line))
 }
 

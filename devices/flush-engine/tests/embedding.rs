@@ -579,6 +579,51 @@ fn a_full_flush_covers_every_page_the_guest_touched() {
 }
 
 #[test]
+fn a_full_flush_publishes_its_estimate_before_it_answers() {
+    // A driver re-reads the full-flush figures when it sees its FLUSH_ALL
+    // answered, possibly while the engine's thread is still returning: the
+    // figures must already be the ones this flush measured.
+    let journal = Journal::default();
+    let mem = memory(&[(0, 4 << 20)]);
+    for page in 0..64u64 {
+        mem.write_obj(1u8, GuestAddress(page * 4096)).unwrap();
+    }
+    let vcpus = ThreadVcpus::start(2, mem.clone(), journal.clone());
+    let engine = FlushEngine::new(vcpus.clone(), Arc::new(mem.clone()));
+    let published = Arc::new(Mutex::new(Vec::new()));
+    let (p, j) = (published.clone(), journal.clone());
+    engine.set_full_flush_estimate_sink(Some(Arc::new(move |cost_ns, break_even| {
+        note(&j, "estimate");
+        p.lock().unwrap().push((cost_ns, break_even));
+    })));
+    let full = FlushBatch {
+        full: true,
+        ..FlushBatch::default()
+    };
+    assert!(flush(&engine, full, &journal));
+    assert!(flush(&engine, range_batch(&[(0, 4096)]), &journal));
+    vcpus.shutdown();
+    assert_eq!(
+        events(&journal),
+        [
+            "paused",
+            "estimate",
+            "completed ok",
+            "resumed",
+            "paused",
+            "completed ok",
+            "resumed"
+        ],
+        "one estimate, from the full flush, before its answer"
+    );
+    let (cost_ns, break_even) = published.lock().unwrap()[0];
+    assert!(
+        cost_ns > 0 && break_even >= 64 * 4096,
+        "{cost_ns} ns, {break_even} B"
+    );
+}
+
+#[test]
 fn the_engine_counts_what_it_did() {
     let journal = Journal::default();
     let mem = memory(&[(0, 1 << 20)]);
