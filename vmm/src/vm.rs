@@ -664,7 +664,7 @@ fn attach_cache_flush(
         estimate.update(cost_ns, break_even)
     })));
     let worker = device.queue_worker(Box::new(engine.clone()));
-    let transport = MmioTransport::new(device, ram.memory.clone(), interrupt)?;
+    let mut transport = MmioTransport::new(device, ram.memory.clone(), interrupt)?;
     let base = MMIO_DEVICES_START;
     let notify_route = match config.notify {
         NotifyPath::Ioeventfd => {
@@ -680,12 +680,16 @@ fn attach_cache_flush(
             None
         }
         // The write reaches the transport through the MMIO bus (which
-        // checks it and signals the queue's eventfd); the vCPU thread then
-        // serves it itself, with no lock held.
-        NotifyPath::Vcpu => Some(NotifyRoute {
-            addr: base + QUEUE_NOTIFY_OFFSET,
-            worker: worker.clone(),
-        }),
+        // checks it); the vCPU thread then serves it itself, with no lock
+        // held. The queue eventfds stay watched by the event loop only for
+        // work a round budget left over (`QueueWorker::serve_notify`).
+        NotifyPath::Vcpu => {
+            transport.set_notify_signals_eventfd(false);
+            Some(NotifyRoute {
+                addr: base + QUEUE_NOTIFY_OFFSET,
+                worker: worker.clone(),
+            })
+        }
     };
     mmio.insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
     let entry = DeviceEntry {

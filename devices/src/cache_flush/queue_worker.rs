@@ -100,15 +100,18 @@ impl QueueWorker {
         self.inner.shared.metrics.clone()
     }
 
-    /// Serves a notify now, on the calling thread: drains the queue
-    /// eventfds, then pops, flushes and completes everything available (up
-    /// to [`MAX_ROUNDS_PER_EVENT`] batches; the rest is left signalled for
-    /// the event loop). For a VMM that handles QueueNotify on the notifying
+    /// Serves a notify now, on the calling thread: pops, flushes and
+    /// completes everything available on every queue (up to
+    /// [`MAX_ROUNDS_PER_EVENT`] batches; the rest is signalled for the
+    /// event loop). For a VMM that handles QueueNotify on the notifying
     /// vCPU's thread: call it after the MMIO exit is dispatched, with no
     /// device or bus lock held, so that the requester finds its request
-    /// completed when its notify returns. `queue` is for the log only.
+    /// completed when its notify returns (and tell the transport not to
+    /// signal the eventfd as well: `MmioTransport::set_notify_signals_eventfd`).
+    /// The queue eventfds are left as they are: reading them would cost a
+    /// system call per queue on every request, and a stale signal only
+    /// makes the event loop find nothing to do. `queue` is for the log only.
     pub fn serve_notify(&self, queue: u32) {
-        self.inner.drain_notifications();
         if self.inner.shared.lock().active.is_none() {
             let n = self.inner.idle_notifies.fetch_add(1, Ordering::Relaxed) + 1;
             CacheFlushMetrics::add(&self.inner.shared.metrics.notifies_while_idle, 1);
@@ -519,6 +522,9 @@ impl MutEventSubscriber for QueueWorker {
         if !set.contains(EventSet::IN) {
             return;
         }
+        // Emptied first, or the level-triggered epoll would report them
+        // again; a notify that arrives meanwhile signals them anew.
+        self.inner.drain_notifications();
         self.serve_notify(events.data());
     }
 

@@ -225,6 +225,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     /// Budget for the log lines the driver can trigger (every odd access
     /// is logged, but a guest must not be able to flood the host's log).
     log_throttle: LogThrottle,
+    /// Whether a valid QueueNotify signals the queue's eventfd.
+    notify_signals_eventfd: bool,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -276,7 +278,20 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queue_sel: 0,
             queues,
             log_throttle: LogThrottle::default(),
+            notify_signals_eventfd: true,
         })
+    }
+
+    /// Whether a QueueNotify that reaches the transport (through the bus,
+    /// not an ioeventfd) signals the queue's eventfd: yes by default, so
+    /// whoever watches the eventfds serves it. A VMM that serves every
+    /// notify on the writing vCPU's own thread right after the bus write
+    /// (`QueueWorker::serve_notify`) turns it off: the transport still
+    /// checks the notify (device running, queue exists), but does not wake
+    /// the event loop for work that thread is about to do, which would
+    /// race it for the batch and cost a host CPU on every request.
+    pub fn set_notify_signals_eventfd(&mut self, signal: bool) {
+        self.notify_signals_eventfd = signal;
     }
 
     /// The device behind the transport.
@@ -566,6 +581,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             );
             return;
         };
+        if !self.notify_signals_eventfd {
+            return;
+        }
         if let Err(e) = event.write(1) {
             error!("virtio-mmio: cannot signal the eventfd of queue {value}: {e}");
         }
@@ -1124,6 +1142,20 @@ mod tests {
         assert_eq!(fds.len(), 2);
         assert_eq!(fds[1].0, 1);
         assert_eq!(QUEUE_NOTIFY_OFFSET, 0x50);
+    }
+
+    #[test]
+    fn a_transport_told_not_to_signal_leaves_the_eventfd_alone() {
+        let (mut t, _) = transport(1, V1);
+        t.set_notify_signals_eventfd(false);
+        negotiate(&mut t, V1);
+        setup_queue(&mut t, 0, 0x1000);
+        wr(&mut t, VIRTIO_MMIO_STATUS, 0b1111);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert!(t.device().events[0].read().is_err());
+        t.set_notify_signals_eventfd(true);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(t.device().events[0].read().unwrap(), 1);
     }
 
     #[test]
