@@ -46,17 +46,15 @@ pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The default [`EngineConfig::inline_max_bytes`], measured by
 /// `vmm-tools bench` (its crossover section: range flushes on 2 vCPUs,
-/// always inline against always split, 64 KiB to 64 MiB): splitting never
-/// won in any of five full runs on these 2-CPU hosts (two up to 16 MiB,
-/// three up to 64 MiB; median flush phase, the part the setting changes;
-/// one run had split ahead by 2% at 4 MiB alone). Handing a share to the
-/// parked vCPU thread costs ~15-25 µs, and two host threads flush no faster
-/// than one (memory bandwidth, not cores, bounds CLFLUSHOPT here), so at
-/// 64 MiB the split flush phase took 7.87 ms against 3.62 ms inline
-/// (`resources/bench/summary.md`). 64 MiB is the
-/// largest size measured, not a proven crossover: larger batches (full
-/// flushes of much resident memory) are still split.
-pub const DEFAULT_INLINE_MAX_BYTES: u64 = 64 << 20;
+/// always inline against always split, 64 KiB to 64 MiB). On a quiet
+/// 2-CPU host the split flush phase wins from 512 KiB and the guest-timed
+/// request from 1 MiB (64 MiB: 1.75 ms split against 3.25 ms inline), as
+/// two threads flush ~1.8x as fast as one and handing a share to a parked
+/// vCPU thread costs ~15-25 µs. With the host's CPUs busy with other work
+/// the parked threads wait for a CPU and splitting lost at every size up
+/// to 64 MiB (runs at load average 6-10, `resources/bench/summary.md`
+/// history): an embedder on an oversubscribed host may want it higher.
+pub const DEFAULT_INLINE_MAX_BYTES: u64 = 1 << 20;
 
 /// Deadlines of the engine. The guest is paused for the whole of a flush, so
 /// every wait is bounded; a batch that misses a deadline is answered
