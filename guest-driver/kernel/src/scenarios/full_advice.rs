@@ -3,9 +3,9 @@
 //! driver now holds, touches `touch=MIB` MiB more of scratch RAM (default
 //! 64), makes another full flush and reads again. The host refreshes the
 //! figures from every real full flush (and bumps ConfigGeneration); the
-//! driver re-reads them after each of its full flushes. Passes when the
-//! break-even grew, and prints how the driver's advice for a range of the
-//! old break-even's size changed.
+//! driver re-reads them on the first query after each of its full flushes.
+//! Passes when the break-even grew, and prints how the driver's advice for
+//! a range of the old break-even's size changed.
 
 use super::{Env, Outcome, Scenario};
 use crate::status;
