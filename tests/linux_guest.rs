@@ -33,6 +33,7 @@ const REQUIRED: &[&str] = &[
     "info-features",
     "range-split-into-requests",
     "flush-all",
+    "full-figures-refreshed",
     "hostile-null-arg",
     "hostile-bad-arg-pointer",
     "hostile-info-kernel-pointer",

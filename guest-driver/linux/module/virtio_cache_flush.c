@@ -90,7 +90,12 @@ struct cfl_device {
 	unsigned long flags;
 	struct work_struct reset_work;
 
-	/* Configuration, read once at probe: it never changes. */
+	/*
+	 * Configuration, read at probe. Only the two full-flush figures change
+	 * afterwards: the host refreshes them from every FLUSH_ALL without a
+	 * configuration interrupt (spec section 4), so they are re-read on
+	 * first use after one (full_stale).
+	 */
 	u32 line_size;
 	u32 dev_queues;
 	u32 dev_max_segments;
@@ -98,6 +103,7 @@ struct cfl_device {
 	u64 max_bytes;
 	u64 full_cost_ns;
 	u64 break_even;
+	atomic_t full_stale;
 	u64 full_limit;
 	u64 range_limit;
 	bool full;
@@ -393,7 +399,33 @@ static int cfl_wbinv_all(bool may_sleep)
 	read_unlock(&cfl_lock);
 	if (ret)
 		return ret;
-	return cfl_request(VIRTIO_CACHE_FLUSH_T_ALL, NULL, 0, 0, may_sleep);
+	ret = cfl_request(VIRTIO_CACHE_FLUSH_T_ALL, NULL, 0, 0, may_sleep);
+	if (!ret) {
+		read_lock(&cfl_lock);
+		if (cfl_active)
+			atomic_set(&cfl_active->full_stale, 1);
+		read_unlock(&cfl_lock);
+	}
+	return ret;
+}
+
+/*
+ * Re-reads the full-flush figures if a FLUSH_ALL completed since they were
+ * read. Four configuration reads (virtio_cread_le checks the generation),
+ * done by the next user rather than by the FLUSH_ALL's caller.
+ */
+static void cfl_refresh_full_figures(struct cfl_device *cd)
+{
+	u64 cost, even;
+
+	if (!atomic_xchg(&cd->full_stale, 0))
+		return;
+	virtio_cread_le(cd->vdev, struct virtio_cache_flush_config,
+			full_flush_cost_ns, &cost);
+	virtio_cread_le(cd->vdev, struct virtio_cache_flush_config,
+			full_break_even_bytes, &even);
+	WRITE_ONCE(cd->full_cost_ns, cost);
+	WRITE_ONCE(cd->break_even, even);
 }
 
 int pvflush_wbinv_range(phys_addr_t addr, size_t len)
@@ -494,8 +526,9 @@ static long cfl_info(struct pvflush_info __user *uinfo)
 	info.segments_per_request = cd->segs_per_req;
 	info.features = cd->vdev->features;
 	info.max_bytes = cd->max_bytes;
-	info.full_flush_cost_ns = cd->full_cost_ns;
-	info.full_break_even_bytes = cd->break_even;
+	cfl_refresh_full_figures(cd);
+	info.full_flush_cost_ns = READ_ONCE(cd->full_cost_ns);
+	info.full_break_even_bytes = READ_ONCE(cd->break_even);
 	info.full_per_sec_limit = cd->full_limit;
 	info.range_bytes_per_sec_limit = cd->range_limit;
 	info.requests = atomic64_read(&cd->n_requests);
@@ -561,9 +594,11 @@ static int cfl_cc_wbinv(struct cache_coherency_ops_inst *cci,
 			struct cc_inval_params *invp)
 {
 	struct cfl_cc *cc = container_of(cci, struct cfl_cc, inst);
+	u64 break_even;
 
-	if (cc->cd->full && cc->cd->break_even &&
-	    invp->size > cc->cd->break_even)
+	cfl_refresh_full_figures(cc->cd);
+	break_even = READ_ONCE(cc->cd->break_even);
+	if (cc->cd->full && break_even && invp->size > break_even)
 		return cfl_wbinv_all(true);
 	return cfl_wbinv_phys(invp->addr, invp->size, true);
 }

@@ -366,6 +366,42 @@ static void check_flush_all(const struct pvflush_info *info)
 		      strerror(err));
 }
 
+/*
+ * The host refreshes the full-flush figures from every FLUSH_ALL (they
+ * follow the guest's resident memory); the driver re-reads them on first
+ * use after one of its own. A driver that kept the figures of its probe
+ * reports the same pair after two full flushes around 16 MiB of new memory.
+ */
+static void check_full_figures_refreshed(const struct pvflush_info *info)
+{
+	const size_t len = 16 << 20;
+	struct pvflush_info a, b;
+	uint8_t *more;
+	int err;
+
+	if (!(info->features & (1ULL << VIRTIO_CACHE_FLUSH_F_FULL)))
+		return;
+	err = flush_all();
+	get_info(&a);
+	more = map(len, PROT_READ | PROT_WRITE);
+	memset(more, 0x3c, len);
+	err = err ? err : flush_all();
+	get_info(&b);
+	check(err == 0 && b.full_break_even_bytes &&
+	      (a.full_flush_cost_ns != b.full_flush_cost_ns ||
+	       a.full_break_even_bytes != b.full_break_even_bytes),
+	      "full-figures-refreshed",
+	      "%s; probe %llu ns/%llu B, after one full flush %llu ns/%llu B, after 16 MiB more and another %llu ns/%llu B",
+	      err ? strerror(err) : "OK",
+	      (unsigned long long)info->full_flush_cost_ns,
+	      (unsigned long long)info->full_break_even_bytes,
+	      (unsigned long long)a.full_flush_cost_ns,
+	      (unsigned long long)a.full_break_even_bytes,
+	      (unsigned long long)b.full_flush_cost_ns,
+	      (unsigned long long)b.full_break_even_bytes);
+	munmap(more, len);
+}
+
 /* ---------------------------------------------------------------------- */
 /* Flush+Reload */
 
@@ -896,6 +932,7 @@ int main(void)
 	check_ranges(buf, &info);
 	check_segment_split(&info);
 	check_flush_all(&info);
+	check_full_figures_refreshed(&info);
 	check_hostile(buf);
 	check_probe(&info);
 	check_busy_retried(&info);
