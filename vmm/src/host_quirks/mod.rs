@@ -10,7 +10,7 @@
 //! | --- | --- | --- |
 //! | CPUID masks | hide CX16, XSAVE (leaf 0xD), AVX*, POPCNT, ... in `KVM_SET_CPUID2` | the emulator lacks `lock cmpxchg16b` and XSAVE; what the host does honour of the table keeps Linux off those paths |
 //! | `clearcpuid=` | the kernel itself clears SMAP, POPCNT, SSE, ... | the guest sees the host CPU's leaf 1/7 whatever the table says; the emulator lacks CLAC/STAC, POPCNT, SSE arithmetic. 6.1 reads only the first 127 characters of the value, so the list is ordered by need and cut there |
-//! | speed parameters | `mitigations=off tsc=reliable no_timer_check lpj=... cryptomgr.notests` | every ring-0 instruction costs ~0.24-1 µs: skip calibrations and self-tests; `mitigations=off` also keeps page-table isolation off, which the syscall remedy needs |
+//! | speed parameters | `mitigations=off tsc=reliable no_timer_check lpj=... cryptomgr.notests initcall_blacklist=...` | every ring-0 instruction costs ~0.24-2 µs: skip calibrations, self-tests and two tracing initcalls that held the boot for minutes; `mitigations=off` also keeps page-table isolation off, which the syscall remedy needs |
 //! | INT3 | inject #BP with RIP+1 | the emulator cannot execute INT3 outside real mode (Linux's alternatives self-test and text poking use it) |
 //! | FWAIT | skip it | the emulator lacks it; with no x87 exception pending it is a no-op |
 //! | ring-3 `syscall` | [`syscall_remedy`] | the host runs `syscall` from guest ring 3 to LSTAR but leaves the vCPU in ring 3 |
@@ -180,13 +180,19 @@ const EXT1_ECX_HIDDEN: u32 = (1 << 5) | (1 << 8);
 /// record (~37,000 kallsyms lookups) for weak functions: interpreted, it held
 /// CPU 0 for 3 minutes (soft-lockup reports), stalling RCU and with it the
 /// rest of the boot; only the function tracer needs its result.
+/// `trace_eval_init` queues the rewrite of every trace event's format with
+/// the kernel's enum names under `event_mutex`: interpreted, it held that
+/// mutex for minutes while `init_kprobe_trace` waited (a hung-task report at
+/// 321 s) and `trace_eval_sync` waited again later (150 s with no output);
+/// without it the boot went past both with no stall, and trace formats show
+/// enum values as numbers.
 const SPEED_PARAMETERS: &[&str] = &[
     "mitigations=off",
     "tsc=reliable",
     "no_timer_check",
     "lpj=2600000",
     "cryptomgr.notests",
-    "initcall_blacklist=ftrace_check_for_weak_functions",
+    "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init",
 ];
 
 /// The longest `clearcpuid=` value Linux 6.1 reads (`char arg[128]`).
