@@ -176,23 +176,30 @@ const EXT1_ECX_HIDDEN: u32 = (1 << 5) | (1 << 8);
 
 /// Parameters that keep an interpreted ring 0 off slow or unsupported paths.
 /// `lpj` skips the delay-loop calibration (its value only scales `udelay`
-/// before the TSC takes over). The blacklisted initcall checks every ftrace
-/// record (~37,000 kallsyms lookups) for weak functions: interpreted, it held
+/// before the TSC takes over). Blacklisted initcalls:
+/// `ftrace_check_for_weak_functions` checks every ftrace record (~37,000 kallsyms lookups) for weak functions: interpreted, it held
 /// CPU 0 for 3 minutes (soft-lockup reports), stalling RCU and with it the
 /// rest of the boot; only the function tracer needs its result.
 /// `trace_eval_init` queues the rewrite of every trace event's format with
 /// the kernel's enum names under `event_mutex`: interpreted, it held that
 /// mutex for minutes while `init_kprobe_trace` waited (a hung-task report at
-/// 321 s) and `trace_eval_sync` waited again later (150 s with no output);
-/// without it the boot went past both with no stall, and trace formats show
-/// enum values as numbers.
+/// guest uptime 321 s); without it trace formats show enum values as
+/// numbers. `tracer_init_tracefs` creates tracefs' files for every trace
+/// event: without it a silent 150 s gap after the clocksource switch went
+/// away (tracefs stays empty). `blake2s_mod_init` only runs BLAKE2s'
+/// self-test (14 s, found with `initcall_debug`: the Linux test's `/init`
+/// then lists every initcall over a second). Not avoidable this way: the
+/// first registration of BPF kfuncs makes the kernel parse and check all of
+/// vmlinux's BTF (150 s); with `cubictcp_register` blacklisted, the next
+/// registration (a late initcall) paid it instead.
 const SPEED_PARAMETERS: &[&str] = &[
     "mitigations=off",
     "tsc=reliable",
     "no_timer_check",
     "lpj=2600000",
     "cryptomgr.notests",
-    "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init",
+    "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,tracer_init_tracefs,\
+     blake2s_mod_init",
 ];
 
 /// The longest `clearcpuid=` value Linux 6.1 reads (`char arg[128]`).
