@@ -527,12 +527,7 @@ where
     }
 
     fn observe(&self, phase: FlushPhase) {
-        let observer = self
-            .observer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(observer) = observer {
+        if let Some(observer) = current(&self.observer) {
             observer(phase);
         }
     }
@@ -656,12 +651,7 @@ where
         if bytes == 0 {
             return;
         }
-        let sink = self
-            .estimate_sink
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(sink) = sink {
+        if let Some(sink) = current(&self.estimate_sink) {
             let (cost_ns, break_even) = full_flush_estimate(plan_ns, flush_ns, bytes, self.line);
             sink(cost_ns, break_even);
         }
@@ -817,6 +807,12 @@ where
             }
         }
     }
+}
+
+/// The callback in `slot` now, cloned so that it runs without the lock held
+/// (it may take a while, and may set the slot itself).
+fn current<T: Clone>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// A full flush's cost without the pause, and the range size that costs as
