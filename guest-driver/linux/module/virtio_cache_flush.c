@@ -11,8 +11,9 @@
  *    (pvflush.h); neither sleeps: completion is polled on the used ring;
  *  - /dev/pvflush, ioctls for user space (pvflush_ioctl.h);
  *  - on kernels with the cache-coherency framework (6.19+,
- *    CONFIG_GENERIC_CPU_CACHE_MAINTENANCE) a provider for it, so that
- *    cpu_cache_invalidate_memregion() works inside the VM.
+ *    CONFIG_GENERIC_CPU_CACHE_MAINTENANCE, which 6.19 selects on arm64
+ *    only: x86 keeps its own WBINVD-based call) a provider for it, so that
+ *    cpu_cache_invalidate_memregion() goes through the device.
  *
  * One queue per CPU, as many as the device offers: a CPU submits on queue
  * (cpu % queues), under that queue's spinlock, with one request in flight
