@@ -112,8 +112,9 @@ pub struct CacheFlushDriver<T: Translate, R: Registers = MmioRegisters> {
     /// A full flush completed since `full_estimate` was read: re-read it
     /// when next asked. Lazily, because the read is six configuration
     /// accesses (an exit each), which a FLUSH_ALL's caller should not wait
-    /// for (measured: 450 µs of a 4.6 ms full flush when it re-read the
-    /// whole configuration at once).
+    /// for (measured by `vmm-tools bench`: re-reading the whole configuration
+    /// there put 571 µs outside the host's phases of a 4.6 ms full flush;
+    /// none now).
     full_estimate_stale: AtomicBool,
     /// `None` when FLUSH_RANGE was not negotiated.
     limits: Option<Limits>,
