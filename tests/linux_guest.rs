@@ -11,11 +11,14 @@
 //! SKIPPED line with the command that installs them.
 
 mod common;
+mod deadline;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use deadline::Running;
 
 /// A hang guard, not a timing assertion: a quiet machine boots to the
 /// verdict in minutes, one shared with other builds took over 20 (the
@@ -115,43 +118,6 @@ fn build_guest() -> Option<Guest> {
     })
 }
 
-/// Runs `command` to its end or kills it at the hang guard; exit code (None
-/// if killed), stdout, stderr.
-fn run_guarded(command: &mut Command) -> (Option<i32>, String, String) {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the vmm starts");
-    let collect = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = collect(Box::new(child.stdout.take().expect("stdout")));
-    let stderr = collect(Box::new(child.stderr.take().expect("stderr")));
-    let started = Instant::now();
-    let code = loop {
-        match child.try_wait().expect("wait for the vmm") {
-            Some(status) => break status.code(),
-            None if started.elapsed() > HANG_GUARD => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            None => std::thread::sleep(Duration::from_millis(200)),
-        }
-    };
-    (
-        code,
-        stdout.join().unwrap_or_default(),
-        stderr.join().unwrap_or_default(),
-    )
-}
-
 // One run takes about 12 minutes on this project's 2-CPU development host
 // (every guest ring-0 instruction is interpreted there: ~10 to reach /init,
 // the rest for the checks). CI installs the packages (`.ci/run`) and runs it.
@@ -164,30 +130,37 @@ fn linux_guest_driver_checks() {
         return;
     };
     let started = Instant::now();
-    let (code, console, log) = run_guarded(common::vmm().args([
-        "--kernel",
-        &guest.kernel,
-        "--initrd",
-        &guest.initrd,
-        "--vcpus",
-        "2",
-        // Enough for the test program's buffers; every page of guest RAM
-        // costs the interpreted kernel boot time to set up.
-        "--memory",
-        "256",
-        // Low enough that the test program's burst of full flushes meets
-        // BUSY answers, high enough that a retry within the driver's
-        // back-off (10 ms to 160 ms) finds a token.
-        "--full-flush-rate",
-        "8",
-        // Ring 0 is emulated: on a busy host the soft-lockup and RCU-stall
-        // detectors fire during boot, and printing their traces through
-        // the emulated UART starves the boot further (seen: no progress
-        // for 10 minutes).
-        "--cmdline",
-        "nosoftlockup rcupdate.rcu_cpu_stall_suppress=1",
-    ]));
+    let (out, hung) = Running::spawn_with_deadline(
+        common::vmm().args([
+            "--kernel",
+            &guest.kernel,
+            "--initrd",
+            &guest.initrd,
+            "--vcpus",
+            "2",
+            // Enough for the test program's buffers; every page of guest RAM
+            // costs the interpreted kernel boot time to set up.
+            "--memory",
+            "256",
+            // Low enough that the test program's burst of full flushes meets
+            // BUSY answers, high enough that a retry within the driver's
+            // back-off (10 ms to 160 ms) finds a token.
+            "--full-flush-rate",
+            "8",
+            // Ring 0 is emulated: on a busy host the soft-lockup and RCU-stall
+            // detectors fire during boot, and printing their traces through
+            // the emulated UART starves the boot further (seen: no progress
+            // for 10 minutes).
+            "--cmdline",
+            "nosoftlockup rcupdate.rcu_cpu_stall_suppress=1",
+        ]),
+        HANG_GUARD,
+    )
+    .wait("linux_guest");
     let took = started.elapsed();
+    let code = if hung { None } else { out.status.code() };
+    let console = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
     let report: Vec<&str> = console
         .lines()
         .filter(|l| l.contains("pvflush-test: "))

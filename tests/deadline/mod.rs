@@ -18,6 +18,7 @@ pub struct Running {
     stdout: Option<JoinHandle<Vec<u8>>>,
     stderr: Option<JoinHandle<Vec<u8>>>,
     started: Instant,
+    deadline: Duration,
 }
 
 fn collect(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
@@ -29,8 +30,14 @@ fn collect(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
 }
 
 impl Running {
-    /// Starts `command` with stdout and stderr piped.
+    /// Starts `command` with stdout and stderr piped, under [`DEADLINE`].
     pub fn spawn(command: &mut Command) -> Self {
+        Self::spawn_with_deadline(command, DEADLINE)
+    }
+
+    /// Starts `command` with stdout and stderr piped, under `deadline`
+    /// (for runs that take minutes, such as a Linux guest's boot).
+    pub fn spawn_with_deadline(command: &mut Command, deadline: Duration) -> Self {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -44,6 +51,7 @@ impl Running {
             stdout,
             stderr,
             started: Instant::now(),
+            deadline,
         }
     }
 
@@ -57,14 +65,14 @@ impl Running {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Time left before [`DEADLINE`] (counted from the start).
+    /// Time left before the deadline (counted from the start).
     pub fn time_left(&self) -> Duration {
-        DEADLINE.saturating_sub(self.started.elapsed())
+        self.deadline.saturating_sub(self.started.elapsed())
     }
 
-    /// Waits for the child to exit. If it is still running [`DEADLINE`]
-    /// after its start, kills it and panics with its output: `what` hung.
-    pub fn finish(mut self, what: &str) -> Output {
+    /// Waits for the child to exit, or kills it at the deadline. Returns
+    /// its output and whether it had to be killed (it hung).
+    pub fn wait(mut self, what: &str) -> (Output, bool) {
         let status = loop {
             match self.child.try_wait() {
                 Ok(Some(status)) => break Some(status),
@@ -73,19 +81,27 @@ impl Running {
                 Err(e) => panic!("{what}: cannot wait for the vmm: {e}"),
             }
         };
-        let status = match status {
-            Some(status) => status,
+        match status {
+            Some(status) => (self.output(status), false),
             None => {
                 let _ = self.child.kill();
                 let status = self.child.wait().expect("wait after kill");
-                let out = self.output(status);
-                panic!(
-                    "{what}: the vmm was still running {DEADLINE:?} after its start (hung?); killed it\n{}",
-                    crate::common::describe(&out)
-                );
+                (self.output(status), true)
             }
-        };
-        self.output(status)
+        }
+    }
+
+    /// Waits for the child to exit. If it is still running at the deadline,
+    /// kills it and panics with its output: `what` hung.
+    pub fn finish(self, what: &str) -> Output {
+        let deadline = self.deadline;
+        let (out, hung) = self.wait(what);
+        assert!(
+            !hung,
+            "{what}: the vmm was still running {deadline:?} after its start (hung?); killed it\n{}",
+            crate::common::describe(&out)
+        );
+        out
     }
 
     fn output(&mut self, status: ExitStatus) -> Output {
