@@ -3,22 +3,38 @@
 //! A page of the memfd that was never touched has no physical memory behind
 //! it, so no cache can hold its lines; flushing it would only fault it in.
 //! So a full flush costs in proportion to resident memory, not guest size,
-//! and so should the scan that finds it:
+//! and so should the scan that finds it. It walks each region once:
 //!
-//! 1. `lseek(SEEK_DATA / SEEK_HOLE)` on the memfd lists the file's allocated
-//!    extents, skipping holes in the page cache's own index, so its cost
-//!    follows allocated memory (measured on an 8 GiB guest: `mincore` over all
-//!    of guest RAM took 111.6 ms, almost all of it on never-touched pages);
-//! 2. `mincore(2)` over each allocated extent keeps the pages that are in
-//!    memory (an allocated page may be swapped out, and has no lines then).
+//! * `mincore(2)` over a chunk of pages keeps the ones in memory (an
+//!   allocated page may be swapped out, and has no lines then). While the
+//!   chunks end in memory the next one doubles, up to [`MAX_CHUNK_PAGES`].
+//! * When a chunk ends on a page not in memory, `lseek(SEEK_DATA)` on the
+//!   memfd jumps over the hole that may follow, in the page cache's own
+//!   index, so never-touched memory costs next to nothing (measured on an
+//!   8 GiB guest: `mincore` over all of guest RAM took 111.6 ms, almost all
+//!   of it on never-touched pages).
+//!
+//! The end of allocated data is found by `mincore`, not `SEEK_HOLE`: the
+//! kernel's `SEEK_HOLE` walks the allocated pages one by one, which on this
+//! project's hosts cost 380-950 µs for a 64 MiB extent of an 8 GiB memfd
+//! against 66 µs for `mincore` over the same pages (`SEEK_DATA` over the
+//! 8 GiB of holes after it: 1-2 µs).
 //!
 //! Both see the file's pages whichever mapping (the guest's, the VMM's, an
-//! alias) touched them. A region without a backing file falls back to
-//! `mincore` over the whole region.
+//! alias) touched them. A region without a backing file, or on a file system
+//! without `SEEK_DATA`, is scanned with `mincore` alone.
 
 use std::os::fd::AsRawFd;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+/// Pages in the first `mincore` chunk after a jump over a hole: small, so a
+/// lone resident page costs little more than the jump.
+const FIRST_CHUNK_PAGES: usize = 16;
+
+/// Pages in the largest `mincore` chunk (its result vector is this many
+/// bytes, reused across chunks).
+pub const MAX_CHUNK_PAGES: usize = 2048;
 
 /// Errors of the residency scan.
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +54,8 @@ pub enum ResidentError {
         #[source]
         source: std::io::Error,
     },
-    /// `lseek(SEEK_DATA/SEEK_HOLE)` failed on the guest memory file.
-    #[error(
-        "lseek(SEEK_DATA/SEEK_HOLE) on the guest memory file failed for the region at {base:#x}"
-    )]
+    /// `lseek(SEEK_DATA)` failed on the guest memory file.
+    #[error("lseek(SEEK_DATA) on the guest memory file failed for the region at {base:#x}")]
     Seek {
         /// Guest-physical base of the region.
         base: u64,
@@ -70,93 +84,107 @@ pub fn resident_extents<M: GuestMemoryBackend>(
 ) -> Result<Vec<(GuestAddress, u64)>, ResidentError> {
     let page = page_size();
     let mut extents: Vec<(GuestAddress, u64)> = Vec::new();
+    let mut vec = Vec::with_capacity(MAX_CHUNK_PAGES);
     for region in memory.iter() {
-        let len = region.len() as usize;
+        let len = region.len();
         let base = region.start_addr().0;
         let host = region
             .get_host_address(MemoryRegionAddress(0))
             .map_err(|_| ResidentError::NotMapped { base })?;
         let region_first = extents.len();
-        let whole = || vec![(0, len as u64)];
-        let allocated = match region.file_offset() {
-            Some(file) => {
-                match allocated_extents(file.file().as_raw_fd(), file.start(), len as u64) {
-                    Ok(extents) => extents,
-                    // A file system without SEEK_DATA/SEEK_HOLE: mincore alone
-                    // is still right, only slower.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => whole(),
+        let mut holes = region
+            .file_offset()
+            .map(|file| Holes::new(file.file().as_raw_fd(), file.start()));
+        let mut pos = 0u64;
+        while pos < len {
+            // Jump over a hole, if the file can say where the next data is.
+            if let Some(file) = &holes {
+                match file.next_data(pos) {
+                    Ok(Some(data)) => pos = data.min(len),
+                    Ok(None) => break,
+                    // No SEEK_DATA on this file system: mincore alone is
+                    // still right, only slower.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => holes = None,
                     Err(source) => return Err(ResidentError::Seek { base, source }),
                 }
             }
-            None => whole(),
-        };
-        for (offset, bytes) in allocated {
-            // SAFETY: `offset + bytes` lies inside the region (clamped by
-            // `allocated_extents`), a live mapping owned by `memory`.
-            let ptr = unsafe { host.add(offset as usize) };
-            in_memory_runs(ptr, bytes as usize, page, |run_offset, run_bytes| {
-                let start = offset + run_offset as u64;
-                let in_this_region = extents.len() > region_first;
-                match extents.last_mut() {
-                    Some((last, last_len))
-                        if in_this_region && last.0 + *last_len == base + start =>
-                    {
-                        *last_len += run_bytes as u64
-                    }
-                    _ => extents.push((GuestAddress(base + start), run_bytes as u64)),
+            let mut chunk_pages = FIRST_CHUNK_PAGES;
+            while pos < len {
+                let bytes = ((chunk_pages * page) as u64).min(len - pos);
+                // SAFETY: `[pos, pos + bytes)` lies inside the region, a live
+                // mapping owned by `memory`; `pos` is page-aligned.
+                let ptr = unsafe { host.add(pos as usize) };
+                let chunk_start = pos;
+                let ends_in_memory =
+                    in_memory_runs(&mut vec, ptr, bytes as usize, page, |offset, run| {
+                        let start = base + chunk_start + offset as u64;
+                        let in_this_region = extents.len() > region_first;
+                        match extents.last_mut() {
+                            Some((last, last_len))
+                                if in_this_region && last.0 + *last_len == start =>
+                            {
+                                *last_len += run as u64
+                            }
+                            _ => extents.push((GuestAddress(start), run as u64)),
+                        }
+                    })
+                    .map_err(|source| ResidentError::Mincore { base, source })?;
+                pos += bytes;
+                if !ends_in_memory && holes.is_some() {
+                    break;
                 }
-            })
-            .map_err(|source| ResidentError::Mincore { base, source })?;
+                chunk_pages = (chunk_pages * 2).min(MAX_CHUNK_PAGES);
+            }
         }
     }
     Ok(extents)
 }
 
-/// The allocated extents of `[start, start + len)` of the file `fd`, as
-/// (offset from `start`, length), in order; page-aligned because the page
-/// cache allocates whole pages.
-fn allocated_extents(fd: i32, start: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let end = start + len;
-    let mut extents = Vec::new();
-    let mut pos = start;
-    while pos < end {
+/// `lseek(SEEK_DATA)` over one region's part of its backing file.
+struct Holes {
+    fd: i32,
+    start: u64,
+}
+
+impl Holes {
+    fn new(fd: i32, start: u64) -> Self {
+        Holes { fd, start }
+    }
+
+    /// The first allocated offset (from the region's start) at or after
+    /// `pos`, page-aligned down; `None` when nothing is allocated after it.
+    fn next_data(&self, pos: u64) -> std::io::Result<Option<u64>> {
         // SAFETY: lseek on a valid descriptor has no memory effects; only the
-        // returned offsets are used (the file position itself is not relied
-        // on by anything, so concurrent scans cannot disturb each other).
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        // returned offset is used (the file position itself is not relied on
+        // by anything, so concurrent scans cannot disturb each other).
+        let data =
+            unsafe { libc::lseek(self.fd, (self.start + pos) as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
             let err = std::io::Error::last_os_error();
             // ENXIO: no data at or after `pos`.
             if err.raw_os_error() == Some(libc::ENXIO) {
-                break;
+                return Ok(None);
             }
             return Err(err);
         }
-        let data = data as u64;
-        if data >= end {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let hole = (hole as u64).min(end);
-        extents.push((data - start, hole - data));
-        pos = hole;
+        let page = page_size() as u64;
+        // Never before `pos`: each jump moves the scan forward.
+        Ok(Some(((data as u64 - self.start) & !(page - 1)).max(pos)))
     }
-    Ok(extents)
 }
 
 /// Calls `run(offset, bytes)` for each run of in-memory pages of the `len`
-/// bytes at `ptr` (page-aligned), according to `mincore`.
+/// bytes at `ptr` (page-aligned), according to `mincore`, using `vec` for
+/// its answer; returns whether the last page is in memory.
 fn in_memory_runs(
+    vec: &mut Vec<u8>,
     ptr: *const u8,
     len: usize,
     page: usize,
     mut run: impl FnMut(usize, usize),
-) -> std::io::Result<()> {
-    let mut vec = vec![0u8; len.div_ceil(page)];
+) -> std::io::Result<bool> {
+    vec.clear();
+    vec.resize(len.div_ceil(page), 0);
     // SAFETY: the caller passes a live, page-aligned mapping of `len` bytes;
     // `vec` has one byte per page of it, as mincore requires.
     if unsafe { libc::mincore(ptr as *mut libc::c_void, len, vec.as_mut_ptr()) } != 0 {
@@ -173,7 +201,7 @@ fn in_memory_runs(
             _ => {}
         }
     }
-    Ok(())
+    Ok(vec.last().is_some_and(|v| v & 1 != 0))
 }
 
 #[cfg(test)]
@@ -246,22 +274,95 @@ mod tests {
     }
 
     #[test]
-    fn allocated_extents_skip_holes_and_clamp_to_the_range() {
+    fn a_long_extent_spans_growing_chunks_and_lone_pages_around_it_are_kept() {
+        // 40 MiB resident crosses every chunk size up to the largest several
+        // times; lone pages just before it, inside a chunk after a jump, and
+        // in the region's very last page test the edges of each jump.
+        let ram = MemfdRam::new(&[(0, 64 * MIB)]);
+        let page = page_size() as u64;
+        let run_start = 8 * MIB as u64 + 3 * page;
+        let run_len = 40 * MIB as u64 + 5 * page;
+        let mut at = run_start;
+        while at < run_start + run_len {
+            ram.memory.write_obj(1u8, GuestAddress(at)).unwrap();
+            at += page;
+        }
+        let lone = [
+            run_start - 2 * page,
+            run_start + run_len + page,
+            64 * MIB as u64 - page,
+        ];
+        for &p in &lone {
+            ram.memory.write_obj(1u8, GuestAddress(p)).unwrap();
+        }
+        assert_eq!(
+            resident_extents(&ram.memory).unwrap(),
+            vec![
+                (GuestAddress(lone[0]), page),
+                (GuestAddress(run_start), run_len),
+                (GuestAddress(lone[1]), page),
+                (GuestAddress(lone[2]), page),
+            ]
+        );
+    }
+
+    #[test]
+    fn pages_written_through_the_file_alone_are_resident() {
+        // No mapping of this process touched them: the page cache holds them,
+        // so mincore sees them and SEEK_DATA finds them.
+        let ram = MemfdRam::new(&[(0, 4 * MIB)]);
+        let page = page_size() as u64;
+        let at = 3 * MIB as u64 + 2 * page;
+        // SAFETY: pwrite reads one byte from a live local.
+        let written = unsafe {
+            libc::pwrite(
+                ram.file.as_raw_fd(),
+                [7u8].as_ptr() as *const libc::c_void,
+                1,
+                at as libc::off_t,
+            )
+        };
+        assert_eq!(written, 1);
+        assert_eq!(
+            resident_extents(&ram.memory).unwrap(),
+            vec![(GuestAddress(at), page)]
+        );
+    }
+
+    #[test]
+    fn memory_without_a_file_is_scanned_page_by_page() {
+        // Anonymous memory: nothing to jump over holes with, so a chunk that
+        // ends outside memory must not end the scan.
+        let memory: vm_memory::GuestMemoryMmap =
+            vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 * MIB)]).unwrap();
+        let page = page_size() as u64;
+        let pages = [1, 40, 41, 1500];
+        for p in pages {
+            memory.write_obj(1u8, GuestAddress(p * page)).unwrap();
+        }
+        assert_eq!(
+            resident_extents(&memory).unwrap(),
+            vec![
+                (GuestAddress(page), page),
+                (GuestAddress(40 * page), 2 * page),
+                (GuestAddress(1500 * page), page)
+            ]
+        );
+    }
+
+    #[test]
+    fn next_data_is_page_aligned_and_never_behind_the_scan() {
         let ram = MemfdRam::new(&[(0, 16 * MIB)]);
         let page = page_size() as u64;
         for p in [2, 3, 9] {
             ram.memory.write_obj(1u8, GuestAddress(p * page)).unwrap();
         }
-        let fd = ram.file.as_raw_fd();
-        assert_eq!(
-            allocated_extents(fd, 0, 16 * page).unwrap(),
-            vec![(2 * page, 2 * page), (9 * page, page)]
-        );
-        // A window that starts inside an extent and ends inside another.
-        assert_eq!(
-            allocated_extents(fd, 3 * page, 7 * page).unwrap(),
-            vec![(0, page), (6 * page, page)]
-        );
-        assert_eq!(allocated_extents(fd, 10 * page, 6 * page).unwrap(), vec![]);
+        // A window of the file that starts at page 3, as a second region's
+        // would.
+        let holes = Holes::new(ram.file.as_raw_fd(), 3 * page);
+        assert_eq!(holes.next_data(0).unwrap(), Some(0));
+        assert_eq!(holes.next_data(page).unwrap(), Some(6 * page));
+        assert_eq!(holes.next_data(6 * page + 1).unwrap(), Some(6 * page + 1));
+        assert_eq!(holes.next_data(7 * page).unwrap(), None);
     }
 }
