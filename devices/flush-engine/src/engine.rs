@@ -37,7 +37,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use crate::cache_ops::{self, CacheOps, HostRange, LineFlush};
 use crate::flush_log::{BatchOutcome, FlushLog, FlushLogRecord, MAX_EXTENTS_PER_RECORD};
 use crate::hooks::{HookFilter, HookId, HookPoint, PauseHook, PausedBatch};
-use crate::pause::{PausedVcpus, VcpuPause, Worker};
+use crate::pause::{PauseError, PausedVcpus, VcpuPause, Worker};
 use crate::plan::{self, Extent};
 use crate::resident;
 
@@ -423,9 +423,12 @@ where
         &self,
         hooks: &[Arc<dyn PauseHook<AS::M>>],
         point: HookPoint,
-        batch: &Arc<PausedBatch>,
+        batch: &Option<Arc<PausedBatch>>,
         memory: &AS::T,
     ) -> Result<(), EngineError> {
+        let Some(batch) = batch else {
+            return Ok(());
+        };
         for hook in hooks {
             crate::hooks::run_bounded(
                 hook.clone(),
@@ -538,10 +541,9 @@ where
             // One extent per run of resident pages of one region.
             return Ok(resident::resident_extents(memory)?);
         }
-        let raw: Vec<Extent> = batch.extents.iter().map(|e| (e.addr, e.len)).collect();
         let regions: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
         Ok(plan::split_at_regions(
-            &plan::normalise(&raw, self.line),
+            &plan::normalise(batch.extents.iter().map(|e| (e.addr, e.len)), self.line),
             &regions,
         )?)
     }
@@ -579,16 +581,14 @@ where
                 .map(|(_, _, hook)| hook.clone())
                 .collect()
         };
-        // What the hooks see (a copy of the extents only if a hook runs).
-        let paused_batch = Arc::new(PausedBatch {
-            seq,
-            full: batch.full,
-            extents: if hooks.is_empty() {
-                Vec::new()
-            } else {
-                extents.clone()
-            },
-            requests: batch.requests.clone(),
+        // What the hooks see, built only if a hook runs.
+        let paused_batch = (!hooks.is_empty()).then(|| {
+            Arc::new(PausedBatch {
+                seq,
+                full: batch.full,
+                extents: extents.clone(),
+                requests: batch.requests.clone(),
+            })
         });
         let planned = Instant::now();
         let pause = match self.pauser.pause_all(self.config.pause_timeout) {
@@ -670,7 +670,86 @@ where
         // Small batches on this thread alone: see `inline_max_bytes`.
         let inline = bytes <= self.config.inline_max_bytes;
         let workers = if inline { 0 } else { pause.worker_count() };
-        let shares = Arc::new(plan::split(extents, workers.max(1), self.line));
+        let ShareOutcome {
+            records,
+            panicked,
+            in_guest,
+            work_result,
+        } = if workers == 0 {
+            // A small batch, or the VMM offers no worker (e.g. every vCPU
+            // thread has ended while the guest shuts down): do the work
+            // here, with nothing handed to another thread (this is the path
+            // of most requests; the answer is still owed to the driver).
+            self.flush_here(pause.controller_vcpu(), &*memory, extents)
+        } else {
+            self.flush_on_workers(pause, memory, extents, workers, bytes)
+        };
+        self.stats
+            .vcpus_running_during_flush
+            .fetch_add(in_guest, Ordering::Relaxed);
+        self.stats
+            .share_panics
+            .fetch_add(panicked, Ordering::Relaxed);
+        work_result.map_err(EngineError::Work)?;
+        if in_guest > 0 {
+            return Err(EngineError::PauseBroken(in_guest));
+        }
+        let share_count = records.len();
+        let missing_shares = records.iter().filter(|r| r.is_none()).count();
+        let shares: Vec<ShareRecord> = records.into_iter().flatten().collect();
+        let flushed: u64 = shares.iter().map(|s| s.lines).sum();
+        if flushed != planned_lines || missing_shares > 0 {
+            return Err(EngineError::Incomplete {
+                planned: planned_lines,
+                flushed,
+                shares: share_count,
+                missing_shares,
+                panicked,
+            });
+        }
+        Ok((shares, bytes))
+    }
+
+    /// Flushes every extent on the calling thread, as one share (none when
+    /// there is nothing to flush).
+    fn flush_here(&self, vcpu: Option<usize>, memory: &AS::M, extents: &[Extent]) -> ShareOutcome {
+        if extents.is_empty() {
+            return ShareOutcome {
+                records: Vec::new(),
+                panicked: 0,
+                in_guest: 0,
+                work_result: Ok(()),
+            };
+        }
+        let lines = flush_share(&*self.flush_op, memory, extents);
+        // Checked after the flush: a vCPU that ran during it would still be
+        // in guest mode.
+        let in_guest = self.pauser.vcpus_in_guest().unwrap_or(0) as u64;
+        ShareOutcome {
+            panicked: u64::from(lines.is_none()),
+            records: vec![lines.map(|lines| ShareRecord {
+                vcpu,
+                host_cpu: current_cpu(),
+                vcpu_last_host_cpu: vcpu
+                    .and_then(|v| self.pauser.last_host_cpu(v))
+                    .unwrap_or(-1),
+                lines,
+            })],
+            in_guest,
+            work_result: Ok(()),
+        }
+    }
+
+    /// Splits the extents over the paused vCPUs' threads and waits for them.
+    fn flush_on_workers(
+        &self,
+        pause: &P::Paused<'_>,
+        memory: AS::T,
+        extents: &[Extent],
+        workers: usize,
+        bytes: u64,
+    ) -> ShareOutcome {
+        let shares = Arc::new(plan::split(extents, workers, self.line));
         let share_count = shares.len();
         let records: Arc<Mutex<Vec<Option<ShareRecord>>>> =
             Arc::new(Mutex::new(vec![None; share_count]));
@@ -687,16 +766,8 @@ where
                 };
                 // A panic in one share must not take a vCPU thread (or the
                 // engine) with it: the share is just not counted, and the
-                // batch fails closed below.
-                let flushed = catch_unwind(AssertUnwindSafe(|| {
-                    let mut lines = 0;
-                    for &extent in share {
-                        // An extent that cannot be mapped is not counted.
-                        lines += flush_extent(&*memory, &*flush_op, extent).unwrap_or(0);
-                    }
-                    lines
-                }));
-                let Ok(lines) = flushed else {
+                // batch fails closed.
+                let Some(lines) = flush_share(&*flush_op, &*memory, share) else {
                     panicked.fetch_add(1, Ordering::SeqCst);
                     return;
                 };
@@ -717,45 +788,45 @@ where
                 records.lock().unwrap_or_else(|p| p.into_inner())[worker.index] = Some(record);
             }
         };
-        let work_result = if workers == 0 {
-            // A small batch, or the VMM offers no worker (e.g. every vCPU
-            // thread has ended while the guest shuts down): do the work
-            // here; the answer is still owed to the driver.
-            let vcpu = pause.controller_vcpu();
-            for index in 0..share_count {
-                share_of(Worker { index, vcpu });
-            }
-            Ok(())
-        } else {
-            pause.run_on_vcpus(Arc::new(share_of), self.config.work_timeout(bytes))
-        };
-        let running = in_guest.load(Ordering::SeqCst);
-        self.stats
-            .vcpus_running_during_flush
-            .fetch_add(running, Ordering::Relaxed);
-        let panicked = panicked.load(Ordering::SeqCst);
-        self.stats
-            .share_panics
-            .fetch_add(panicked, Ordering::Relaxed);
-        work_result.map_err(EngineError::Work)?;
-        if running > 0 {
-            return Err(EngineError::PauseBroken(running));
-        }
+        let work_result = pause.run_on_vcpus(Arc::new(share_of), self.config.work_timeout(bytes));
         let records = std::mem::take(&mut *records.lock().unwrap_or_else(|p| p.into_inner()));
-        let missing_shares = records.iter().filter(|r| r.is_none()).count();
-        let shares: Vec<ShareRecord> = records.into_iter().flatten().collect();
-        let flushed: u64 = shares.iter().map(|s| s.lines).sum();
-        if flushed != planned_lines || missing_shares > 0 {
-            return Err(EngineError::Incomplete {
-                planned: planned_lines,
-                flushed,
-                shares: share_count,
-                missing_shares,
-                panicked,
-            });
+        ShareOutcome {
+            records,
+            panicked: panicked.load(Ordering::SeqCst),
+            in_guest: in_guest.load(Ordering::SeqCst),
+            work_result,
         }
-        Ok((shares, bytes))
     }
+}
+
+/// What the shares of one batch did.
+struct ShareOutcome {
+    /// One entry per share; `None` where a share did not report (panicked,
+    /// or its worker never ran it).
+    records: Vec<Option<ShareRecord>>,
+    /// Shares that panicked.
+    panicked: u64,
+    /// vCPUs found in guest mode after a share.
+    in_guest: u64,
+    /// Whether every worker ran its share in time.
+    work_result: Result<(), PauseError>,
+}
+
+/// Flushes one share's extents; `None` if the flush panicked (contained
+/// here, so that the batch fails closed instead of a thread ending).
+fn flush_share<M: GuestMemoryBackend>(
+    flush_op: &dyn LineFlush,
+    memory: &M,
+    share: &[Extent],
+) -> Option<u64> {
+    catch_unwind(AssertUnwindSafe(|| {
+        share
+            .iter()
+            // An extent that cannot be mapped is not counted.
+            .map(|&extent| flush_extent(memory, flush_op, extent).unwrap_or(0))
+            .sum()
+    }))
+    .ok()
 }
 
 impl<P, AS> FlushBackend for FlushEngine<P, AS>

@@ -9,28 +9,33 @@ pub type Extent = (GuestAddress, u64);
 /// that overlap or touch, so a line requested twice in a batch is flushed
 /// once. Rounding never leaves a page, so never leaves the RAM region the
 /// device validated the extent against.
-pub fn normalise(extents: &[Extent], line: u64) -> Vec<Extent> {
-    let mut rounded: Vec<(u64, u64)> = extents
-        .iter()
-        .filter(|(_, len)| *len > 0)
-        .map(|&(addr, len)| {
+pub fn normalise(extents: impl IntoIterator<Item = Extent>, line: u64) -> Vec<Extent> {
+    let mut out: Vec<Extent> = extents
+        .into_iter()
+        .filter(|&(_, len)| len > 0)
+        .map(|(addr, len)| {
             let start = addr.0 & !(line - 1);
             let end = (addr.0 + len).next_multiple_of(line);
-            (start, end)
+            (GuestAddress(start), end - start)
         })
         .collect();
-    rounded.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(rounded.len());
-    for (start, end) in rounded {
-        match merged.last_mut() {
-            Some(last) if start <= last.1 => last.1 = last.1.max(end),
-            _ => merged.push((start, end)),
+    out.sort_unstable();
+    // Merged in place: one allocation per batch, on every request's path.
+    let mut kept = 0usize;
+    for i in 0..out.len() {
+        let (start, len) = out[i];
+        if let Some(last) = kept.checked_sub(1).map(|k| &mut out[k]) {
+            let last_end = last.0 .0 + last.1;
+            if start.0 <= last_end {
+                last.1 = last.1.max(start.0 + len - last.0 .0);
+                continue;
+            }
         }
+        out[kept] = (start, len);
+        kept += 1;
     }
-    merged
-        .into_iter()
-        .map(|(start, end)| (GuestAddress(start), end - start))
-        .collect()
+    out.truncate(kept);
+    out
 }
 
 /// Why a batch cannot be planned.
@@ -128,14 +133,14 @@ mod tests {
 
     #[test]
     fn rounds_out_to_lines_and_merges() {
-        assert_eq!(normalise(&[g(65, 1)], 64), vec![g(64, 64)]);
-        assert_eq!(normalise(&[g(60, 8)], 64), vec![g(0, 128)]);
+        assert_eq!(normalise([g(65, 1)], 64), vec![g(64, 64)]);
+        assert_eq!(normalise([g(60, 8)], 64), vec![g(0, 128)]);
         assert_eq!(
-            normalise(&[g(256, 64), g(0, 64), g(64, 1)], 64),
+            normalise([g(256, 64), g(0, 64), g(64, 1)], 64),
             vec![g(0, 128), g(256, 64)]
         );
-        assert_eq!(normalise(&[g(0, 100), g(50, 10)], 64), vec![g(0, 128)]);
-        assert_eq!(normalise(&[g(0, 0)], 64), vec![]);
+        assert_eq!(normalise([g(0, 100), g(50, 10)], 64), vec![g(0, 128)]);
+        assert_eq!(normalise([g(0, 0)], 64), vec![]);
     }
 
     #[test]

@@ -487,7 +487,9 @@ fn complete_batch(
         interrupt,
         ..
     } = active;
-    let mut used_added = vec![false; queues.len()];
+    // One bit per queue: no allocation on every request's path.
+    const _: () = assert!(cache_flush_abi::cache_flush::MAX_QUEUES <= 64);
+    let mut used_added: u64 = 0;
     for p in pending {
         let Some(queue) = queues.get_mut(usize::from(p.queue)) else {
             continue;
@@ -495,10 +497,10 @@ fn complete_batch(
         write_status(memory, p.status_addr, status, p.queue, p.head);
         metrics.count_status(status);
         add_used(queue, memory, p.queue, p.head, 1);
-        used_added[usize::from(p.queue)] = true;
+        used_added |= 1 << p.queue;
     }
     for (index, queue) in queues.iter_mut().enumerate() {
-        if used_added[index] {
+        if used_added & (1 << index) != 0 {
             notify_driver(queue, memory, interrupt.as_ref(), index as u16);
         }
     }

@@ -512,6 +512,16 @@ impl VcpuControl {
         vcpus: &[usize],
         timeout: Duration,
     ) -> Result<PauseGuard<'_>, ControlError> {
+        self.pause_vcpus(vcpus.to_vec(), timeout)
+    }
+
+    /// [`Self::pause`], keeping `vcpus` in the guard (one allocation fewer
+    /// on every request's path).
+    fn pause_vcpus(
+        &self,
+        vcpus: Vec<usize>,
+        timeout: Duration,
+    ) -> Result<PauseGuard<'_>, ControlError> {
         if let Some(&bad) = vcpus.iter().find(|&&i| i >= self.count()) {
             return Err(ControlError::NoSuchVcpu(bad));
         }
@@ -523,7 +533,7 @@ impl VcpuControl {
         let nested = st.role.as_ref().is_some_and(|h| h.depth > 1);
         let me = self.calling_vcpu();
         let deadline = Instant::now() + timeout;
-        for &i in vcpus {
+        for &i in &vcpus {
             if Some(i) == me {
                 continue;
             }
@@ -543,7 +553,7 @@ impl VcpuControl {
             let now = Instant::now();
             if now >= deadline {
                 if !nested {
-                    for &i in vcpus {
+                    for &i in &vcpus {
                         if Some(i) != me {
                             st.slots[i].pause_requested = false;
                         }
@@ -567,16 +577,15 @@ impl VcpuControl {
         drop(st);
         Ok(PauseGuard {
             control: self,
-            vcpus: vcpus.to_vec(),
             controller_vcpu: me.filter(|k| vcpus.contains(k)),
+            vcpus,
             nested,
         })
     }
 
     /// Pauses every vCPU.
     pub fn pause_all(&self, timeout: Duration) -> Result<PauseGuard<'_>, ControlError> {
-        let all: Vec<usize> = (0..self.count()).collect();
-        self.pause(&all, timeout)
+        self.pause_vcpus((0..self.count()).collect(), timeout)
     }
 
     /// Asks every vCPU thread to leave its run loop, and waits (up to
