@@ -35,7 +35,7 @@ use devices::cache_flush::{BatchCompletion, FlushBackend, FlushBatch, FlushError
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::cache_ops::{self, CacheOps, HostRange, LineFlush};
-use crate::flush_log::{BatchOutcome, FlushLog, FlushLogRecord, MAX_EXTENTS_PER_RECORD};
+use crate::flush_log::{BatchOutcome, FlushLog, MAX_EXTENTS_PER_RECORD};
 use crate::hooks::{HookFilter, HookId, HookPoint, PauseHook, PausedBatch};
 use crate::pause::{PauseError, PausedVcpus, VcpuPause, Worker};
 use crate::plan::{self, Extent};
@@ -449,21 +449,23 @@ where
         batch: &FlushBatch,
         extents: &[Extent],
         outcome: BatchOutcome,
-        share_host_cpus: Vec<i32>,
+        share_host_cpus: impl Iterator<Item = i32>,
     ) {
-        self.log.push(FlushLogRecord {
-            seq,
-            answered_at_ns: self.created.elapsed().as_nanos() as u64,
-            full: batch.full,
-            extents: extents
-                .iter()
-                .take(MAX_EXTENTS_PER_RECORD)
-                .copied()
-                .collect(),
-            extents_truncated: extents.len() > MAX_EXTENTS_PER_RECORD,
-            share_host_cpus,
-            requests: batch.requests.clone(),
-            outcome,
+        let answered_at_ns = self.created.elapsed().as_nanos() as u64;
+        self.log.push_with(|record| {
+            record.seq = seq;
+            record.answered_at_ns = answered_at_ns;
+            record.full = batch.full;
+            record.extents.clear();
+            record
+                .extents
+                .extend(extents.iter().take(MAX_EXTENTS_PER_RECORD).copied());
+            record.extents_truncated = extents.len() > MAX_EXTENTS_PER_RECORD;
+            record.share_host_cpus.clear();
+            record.share_host_cpus.extend(share_host_cpus);
+            record.requests.clear();
+            record.requests.extend_from_slice(&batch.requests);
+            record.outcome = outcome;
         });
     }
 
@@ -563,7 +565,7 @@ where
                 batch,
                 &[],
                 BatchOutcome::HostError(reason.clone()),
-                Vec::new(),
+                std::iter::empty(),
             );
             done.complete(Err(FlushError { reason }));
             e
@@ -608,13 +610,11 @@ where
         });
         // Logged before the answer, so whoever sees the answer finds the
         // record.
-        let (outcome, cpus) = match &result {
-            Ok((shares, _)) => (
-                BatchOutcome::Ok,
-                shares.iter().map(|s| s.host_cpu).collect(),
-            ),
-            Err(e) => (BatchOutcome::HostError(e.to_string()), Vec::new()),
+        let (outcome, shares): (_, &[ShareRecord]) = match &result {
+            Ok((shares, _)) => (BatchOutcome::Ok, shares),
+            Err(e) => (BatchOutcome::HostError(e.to_string()), &[]),
         };
+        let cpus = shares.iter().map(|s| s.host_cpu);
         self.log_batch(seq, batch, &extents, outcome, cpus);
         let plan_ns = (planned - start).as_nanos() as u64;
         let flush_ns = (flushed - paused).as_nanos() as u64;
