@@ -53,9 +53,12 @@ impl HostBuffer {
     /// Dirties the first `len` bytes, then flushes them split over
     /// `threads` host threads, one contiguous share each (what the engine
     /// does over parked vCPU threads); nanoseconds from the first share's
-    /// start to the last share's end. The threads are started and lined up
-    /// on a barrier before the clock starts, so thread creation is not
-    /// counted: the peer is the bandwidth of `threads` cores, nothing else.
+    /// start to the last share's end. The threads are started, each pinned
+    /// to its own CPU (left to the scheduler, both sometimes woke from the
+    /// barrier on one core: the 64 MiB peer took 1.8 ms or 3.3 ms, bimodal),
+    /// and lined up on a barrier before the clock starts, so thread creation
+    /// is not counted: the peer is the bandwidth of `threads` cores, nothing
+    /// else.
     pub fn flush_ns_threads(&mut self, len: usize, pass: u8, threads: usize) -> f64 {
         if threads <= 1 {
             return self.flush_ns(len, pass);
@@ -65,6 +68,7 @@ impl HostBuffer {
         let share = len.div_ceil(threads).next_multiple_of(self.line);
         let base = self.buf.as_ptr() as usize;
         let (instruction, line) = (self.instruction, self.line);
+        let cpus = allowed_cpus();
         let barrier = std::sync::Barrier::new(threads);
         let spans: Vec<(Instant, Instant)> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
@@ -72,7 +76,11 @@ impl HostBuffer {
                     let barrier = &barrier;
                     let offset = (i * share).min(len);
                     let end = ((i + 1) * share).min(len);
+                    let cpu = cpus.get(i % cpus.len().max(1)).copied();
                     scope.spawn(move || {
+                        if let Some(cpu) = cpu {
+                            pin_to(cpu);
+                        }
                         barrier.wait();
                         let start = Instant::now();
                         // SAFETY: `[base + offset, base + end)` lies inside
@@ -99,6 +107,37 @@ impl HostBuffer {
             (Some(first), Some(last)) => last.duration_since(first).as_nanos() as f64,
             _ => f64::NAN,
         }
+    }
+}
+
+/// The CPUs the calling thread may run on, in order (empty if unknown).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain bits; all zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `set` is a cpu_set_t of `size` bytes; pid 0 is this thread.
+    if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE; `set` is initialised.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
+/// Pins the calling thread to `cpu` (a peer thread, which ends soon after,
+/// so the previous set is not restored). Best effort: unpinned, the figure
+/// is only noisier.
+fn pin_to(cpu: usize) {
+    // SAFETY: as in `allowed_cpus`.
+    let mut only: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` came from `allowed_cpus`, below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu, &mut only) };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `only` is a valid cpu_set_t of `size` bytes; pid 0 is this
+    // thread.
+    if unsafe { libc::sched_setaffinity(0, size, &only) } != 0 {
+        log::debug!("could not pin a peer thread to CPU {cpu}");
     }
 }
 

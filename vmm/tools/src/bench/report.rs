@@ -412,8 +412,37 @@ pub fn write(
             } else {
                 format!("the flush phase keeps up with the peer ({phase_ratio:.2}×)")
             };
+            // What no implementation can avoid: the exit that carries the
+            // request, and the pause of the other vCPUs, which must end
+            // before the first line is flushed (an OK promises that no vCPU
+            // ran during the flush). Measured in this run.
+            let exit = floor(path, vcpus);
+            let others = vcpus - 1;
+            let others_pause = if others > 0 {
+                med(s.pause.get(&others))
+            } else {
+                0.0
+            };
+            let bound = hostt / (exit + others_pause + hostt).max(1.0);
+            let bound_text = format!(
+                "at best, with nothing but one exit ({}){} before a flush at the peer's speed, the request reaches {bound:.2}× the peer{}",
+                us(exit),
+                if others > 0 {
+                    format!(
+                        " and the pause of the other {others} busy vCPU(s) ({}, which must end before the first line is flushed: an OK promises no vCPU ran during the flush)",
+                        us(others_pause)
+                    )
+                } else {
+                    String::new()
+                },
+                if bound < 0.9 {
+                    ": the target is out of reach at this size on this host"
+                } else {
+                    ""
+                }
+            );
             let limit_text = format!(
-                "{phase_text}; planning took {}, and outside the engine's timed phases the request spent {} (one exit is {}, a whole 64 B request {}; after the flush the engine logs the batch, answers and resumes, none of it timed separately){}",
+                "{bound_text}; {phase_text}; planning took {}, and outside the engine's timed phases the request spent {} (one exit is {}, a whole 64 B request {}; after the flush the engine logs the batch, answers and resumes, none of it timed separately){}",
                 us(plan_ns),
                 us(outside),
                 us(floor(path, vcpus)),
