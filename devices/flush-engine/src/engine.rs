@@ -35,7 +35,7 @@ use devices::cache_flush::{BatchCompletion, FlushBackend, FlushBatch, FlushError
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::cache_ops::{self, CacheOps, HostRange, LineFlush};
-use crate::flush_log::{BatchOutcome, FlushLog, MAX_EXTENTS_PER_RECORD};
+use crate::flush_log::{BatchOutcome, FlushLog, PhaseTimes, MAX_EXTENTS_PER_RECORD};
 use crate::hooks::{HookFilter, HookId, HookPoint, PauseHook, PausedBatch};
 use crate::pause::{PauseError, PausedVcpus, VcpuPause, Worker};
 use crate::plan::{self, Extent};
@@ -443,14 +443,7 @@ where
     }
 
     /// Appends the batch's record to the flush log.
-    fn log_batch(
-        &self,
-        seq: u64,
-        batch: &FlushBatch,
-        extents: &[Extent],
-        outcome: BatchOutcome,
-        share_host_cpus: impl Iterator<Item = i32>,
-    ) {
+    fn log_batch(&self, seq: u64, batch: &FlushBatch, extents: &[Extent], answer: Answer<'_>) {
         let answered_at_ns = self.created.elapsed().as_nanos() as u64;
         self.log.push_with(|record| {
             record.seq = seq;
@@ -462,10 +455,14 @@ where
                 .extend(extents.iter().take(MAX_EXTENTS_PER_RECORD).copied());
             record.extents_truncated = extents.len() > MAX_EXTENTS_PER_RECORD;
             record.share_host_cpus.clear();
-            record.share_host_cpus.extend(share_host_cpus);
+            record
+                .share_host_cpus
+                .extend(answer.shares.iter().map(|s| s.host_cpu));
             record.requests.clear();
             record.requests.extend_from_slice(&batch.requests);
-            record.outcome = outcome;
+            record.outcome = answer.outcome;
+            record.bytes = answer.bytes;
+            record.times = answer.times;
         });
     }
 
@@ -557,22 +554,28 @@ where
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let start = Instant::now();
         let memory = self.memory.memory();
-        let fail_unpaused = |e: EngineError, done: BatchCompletion| {
+        let fail_unpaused = |e: EngineError, done: BatchCompletion, times: PhaseTimes| {
             // Nothing paused, nothing flushed: the requests fail.
             let reason = e.to_string();
-            self.log_batch(
-                seq,
-                batch,
-                &[],
-                BatchOutcome::HostError(reason.clone()),
-                std::iter::empty(),
-            );
+            let answer = Answer {
+                outcome: BatchOutcome::HostError(reason.clone()),
+                shares: &[],
+                bytes: 0,
+                times,
+            };
+            self.log_batch(seq, batch, &[], answer);
             done.complete(Err(FlushError { reason }));
             e
         };
         let extents = match self.extents(&memory, batch) {
             Ok(extents) => extents,
-            Err(e) => return Err(fail_unpaused(e, done)),
+            Err(e) => {
+                let times = PhaseTimes {
+                    plan_ns: start.elapsed().as_nanos() as u64,
+                    ..PhaseTimes::default()
+                };
+                return Err(fail_unpaused(e, done, times));
+            }
         };
         let hooks: Vec<Arc<dyn PauseHook<AS::M>>> = {
             let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
@@ -595,7 +598,14 @@ where
         let planned = Instant::now();
         let pause = match self.pauser.pause_all(self.config.pause_timeout) {
             Ok(pause) => pause,
-            Err(e) => return Err(fail_unpaused(EngineError::Pause(e), done)),
+            Err(e) => {
+                let times = PhaseTimes {
+                    plan_ns: (planned - start).as_nanos() as u64,
+                    pause_ns: planned.elapsed().as_nanos() as u64,
+                    flush_ns: 0,
+                };
+                return Err(fail_unpaused(EngineError::Pause(e), done, times));
+            }
         };
         let paused = Instant::now();
         self.observe(FlushPhase::Paused);
@@ -610,14 +620,29 @@ where
         });
         // Logged before the answer, so whoever sees the answer finds the
         // record.
-        let (outcome, shares): (_, &[ShareRecord]) = match &result {
-            Ok((shares, _)) => (BatchOutcome::Ok, shares),
-            Err(e) => (BatchOutcome::HostError(e.to_string()), &[]),
-        };
-        let cpus = shares.iter().map(|s| s.host_cpu);
-        self.log_batch(seq, batch, &extents, outcome, cpus);
         let plan_ns = (planned - start).as_nanos() as u64;
         let flush_ns = (flushed - paused).as_nanos() as u64;
+        let pause_ns = (paused - planned).as_nanos() as u64;
+        let times = PhaseTimes {
+            plan_ns,
+            pause_ns,
+            flush_ns,
+        };
+        let answer = match &result {
+            Ok((shares, bytes)) => Answer {
+                outcome: BatchOutcome::Ok,
+                shares,
+                bytes: *bytes,
+                times,
+            },
+            Err(e) => Answer {
+                outcome: BatchOutcome::HostError(e.to_string()),
+                shares: &[],
+                bytes: 0,
+                times,
+            },
+        };
+        self.log_batch(seq, batch, &extents, answer);
         if let (true, Ok((_, bytes))) = (batch.full, &result) {
             // Published before the answer: a driver re-reads the figures as
             // soon as it sees its FLUSH_ALL answered, and must find the ones
@@ -640,7 +665,7 @@ where
             bytes,
             full: batch.full,
             plan_ns,
-            pause_ns: (paused - planned).as_nanos() as u64,
+            pause_ns,
             flush_ns,
         })
     }
@@ -797,6 +822,14 @@ where
             work_result,
         }
     }
+}
+
+/// What a batch came to, for its log record.
+struct Answer<'a> {
+    outcome: BatchOutcome,
+    shares: &'a [ShareRecord],
+    bytes: u64,
+    times: PhaseTimes,
 }
 
 /// What the shares of one batch did.

@@ -48,6 +48,23 @@ pub struct FlushLogRecord {
     pub requests: Vec<BatchRequest>,
     /// The answer.
     pub outcome: BatchOutcome,
+    /// Bytes flushed (whole lines; all of them, even when `extents` was
+    /// truncated); 0 when the batch failed.
+    pub bytes: u64,
+    /// How long each phase took; 0 for a phase the batch did not reach.
+    pub times: PhaseTimes,
+}
+
+/// The engine's timed phases of one batch, in ns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhaseTimes {
+    /// Planning the extents (for a full flush: the residency scan), before
+    /// the pause.
+    pub plan_ns: u64,
+    /// Stopping every vCPU.
+    pub pause_ns: u64,
+    /// The hooks and the flush, while paused.
+    pub flush_ns: u64,
 }
 
 #[derive(Default)]
@@ -106,6 +123,8 @@ impl FlushLog {
             share_host_cpus: Vec::new(),
             requests: Vec::new(),
             outcome: BatchOutcome::Ok,
+            bytes: 0,
+            times: PhaseTimes::default(),
         });
         fill(&mut record);
         ring.records.push_back(record);
@@ -168,6 +187,8 @@ mod tests {
             share_host_cpus: vec![0],
             requests: vec![BatchRequest { queue: 0, tag: seq }],
             outcome: BatchOutcome::Ok,
+            bytes: 64,
+            times: PhaseTimes::default(),
         }
     }
 

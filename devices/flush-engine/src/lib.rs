@@ -33,6 +33,6 @@ pub use engine::{
     FlushEngine, FlushObserver, FlushPhase, FlushRecord, Percentiles, ShareRecord,
     DEFAULT_INLINE_MAX_BYTES, LATENCY_WINDOW, PAUSE_TIMEOUT,
 };
-pub use flush_log::{BatchOutcome, FlushLog, FlushLogRecord};
+pub use flush_log::{BatchOutcome, FlushLog, FlushLogRecord, PhaseTimes};
 pub use hooks::{HookFilter, HookId, PauseHook, PausedBatch};
 pub use pause::{PauseError, PausedVcpus, VcpuPause, WorkFn, Worker};

@@ -723,10 +723,29 @@ fn every_batch_gets_a_numbered_record_with_its_requests_and_outcome() {
     );
     assert_eq!(records[0].outcome, flush_engine::BatchOutcome::Ok);
     assert!(!records[0].share_host_cpus.is_empty());
+    // The record carries what the engine's statistics keep for the last
+    // batch only: bytes and phase times.
+    let last_ok = engine.stats().last_flush().unwrap();
+    assert_eq!(records[0].bytes, 128);
+    assert_eq!(
+        (
+            records[0].times.plan_ns,
+            records[0].times.pause_ns,
+            records[0].times.flush_ns
+        ),
+        (last_ok.plan_ns, last_ok.pause_ns, last_ok.flush_ns)
+    );
+    assert!(records[0].times.flush_ns > 0);
     assert!(matches!(
         &records[1].outcome,
         flush_engine::BatchOutcome::HostError(why) if why.contains("not in guest RAM")
     ));
+    // Refused while planning: nothing paused, nothing flushed.
+    assert_eq!(records[1].bytes, 0);
+    assert_eq!(
+        (records[1].times.pause_ns, records[1].times.flush_ns),
+        (0, 0)
+    );
     assert_eq!(engine.flush_log().since(1).len(), 1);
     assert_eq!(engine.next_seq(), 3);
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use devices::cache_flush::metrics::MetricsSnapshot;
 
-use vmm::flush_engine::{EngineConfig, FlushPhase, FlushRecord};
+use vmm::flush_engine::{BatchOutcome, EngineConfig, FlushLogRecord};
 use vmm::vcpu::VmOutcome;
 use vmm::vm::{NotifyPath, Vm, VmConfig};
 
@@ -34,12 +34,13 @@ pub struct GuestRun {
     pub lines: Vec<Line>,
     /// The device's counters at the end.
     pub device: MetricsSnapshot,
-    /// Every flush the engine made, in order.
-    pub flushes: Vec<FlushRecord>,
+    /// Every flush the engine answered OK, in order (from its flush log,
+    /// read after the run: nothing of the bench runs inside a pause).
+    pub flushes: Vec<FlushLogRecord>,
     /// Wall time from start to end.
     pub wall: Duration,
     /// Full-flush runs: the residency scan alone (what a full flush does
-    /// first, inside the pause), timed on the guest's memory after the run.
+    /// first, before the pause), timed on the guest's memory after the run.
     pub scan_ns: Vec<f64>,
 }
 
@@ -94,30 +95,23 @@ pub fn run(vcpus: u32, memory_mib: u64, args: &str, variant: Variant) -> Result<
     let vm = Vm::new(&config).map_err(|e| format!("VM set-up: {e}"))?;
     let running = vm.start().map_err(|e| format!("VM start: {e}"))?;
     let metrics = running.flush_metrics().clone();
-    let stats = running.flush_engine().stats().clone();
-    let records = Arc::new(Mutex::new(Vec::new()));
-    {
-        // At each flush's Paused phase the previous flush's record is final.
-        let (stats, records) = (stats.clone(), records.clone());
-        running
-            .flush_engine()
-            .set_observer(Some(Arc::new(move |phase| {
-                if phase == FlushPhase::Paused {
-                    if let Some(last) = stats.last_flush() {
-                        records.lock().unwrap_or_else(|p| p.into_inner()).push(last);
-                    }
-                }
-            })));
-    }
     let engine = running.flush_engine().clone();
     let memory = running.memory().clone();
     let outcome = running.wait().map_err(|e| format!("VM: {e}"))?;
-    engine.set_observer(None);
     let wall = start.elapsed();
-    let mut flushes = std::mem::take(&mut *records.lock().unwrap_or_else(|p| p.into_inner()));
-    if let Some(last) = stats.last_flush() {
-        flushes.push(last);
+    let log = engine.flush_log();
+    if log.dropped() > 0 {
+        return Err(format!(
+            "guest `scenario=bench {args}`: the flush log dropped {} of its records (capacity {}); fewer repetitions per boot would keep them all",
+            log.dropped(),
+            log.capacity()
+        ));
     }
+    let flushes: Vec<FlushLogRecord> = log
+        .since(0)
+        .into_iter()
+        .filter(|f| f.outcome == BatchOutcome::Ok)
+        .collect();
     let scan_ns = if args.contains("part=full") {
         (0..3)
             .filter_map(|_| {

@@ -502,8 +502,8 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
                     completed_ok: run.device.completed_ok,
                     batches: run.device.batches,
                     seconds: cycles as f64 * ns / 1e9,
-                    pause_ns: run.flushes.iter().map(|f| f.pause_ns as f64).sum(),
-                    flush_ns: run.flushes.iter().map(|f| f.flush_ns as f64).sum(),
+                    pause_ns: run.flushes.iter().map(|f| f.times.pause_ns as f64).sum(),
+                    flush_ns: run.flushes.iter().map(|f| f.times.flush_ns as f64).sum(),
                 });
             }
         }
@@ -521,12 +521,12 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
     Ok(summary)
 }
 
-fn phases(f: &vmm::flush_engine::FlushRecord) -> Phases {
+fn phases(f: &vmm::flush_engine::FlushLogRecord) -> Phases {
     Phases {
         bytes: f.bytes,
-        plan_ns: f.plan_ns as f64,
-        pause_ns: f.pause_ns as f64,
-        flush_ns: f.flush_ns as f64,
+        plan_ns: f.times.plan_ns as f64,
+        pause_ns: f.times.pause_ns as f64,
+        flush_ns: f.times.flush_ns as f64,
     }
 }
 
