@@ -141,6 +141,19 @@ fn pin_to(cpu: usize) {
     }
 }
 
+/// Involuntary context switches of this process so far, every thread
+/// (ended ones included): each one a thread preempted while it wanted to
+/// run.
+pub fn involuntary_switches() -> u64 {
+    // SAFETY: rusage is plain data; all zero is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid rusage to fill.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    usage.ru_nivcsw as u64
+}
+
 /// Host CPUs this process may run on (the cores a split flush can use).
 pub fn host_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

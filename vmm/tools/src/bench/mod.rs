@@ -265,6 +265,9 @@ pub struct TputRun {
     pub pause_ns: f64,
     /// Total flush time of the run's batches.
     pub flush_ns: f64,
+    /// Involuntary context switches of this process during the run (boot
+    /// included): a thread that wanted to run was preempted.
+    pub preempted: u64,
 }
 
 fn progress(msg: std::fmt::Arguments) {
@@ -480,6 +483,7 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
                     "{tag} throughput, {vcpus} vCPU(s) at once, notify={}",
                     path.name()
                 ));
+                let preempted_before = host::involuntary_switches();
                 let run = guest::run(
                     vcpus,
                     256,
@@ -504,6 +508,7 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
                     seconds: cycles as f64 * ns / 1e9,
                     pause_ns: run.flushes.iter().map(|f| f.times.pause_ns as f64).sum(),
                     flush_ns: run.flushes.iter().map(|f| f.times.flush_ns as f64).sum(),
+                    preempted: host::involuntary_switches().saturating_sub(preempted_before),
                 });
             }
         }

@@ -138,6 +138,7 @@ struct ThroughputRow {
     batches: u64,
     requests_per_batch: Spread,
     pause_time_share: Spread,
+    preempted_per_request: Spread,
 }
 
 #[derive(Serialize)]
@@ -252,7 +253,18 @@ fn gbps(bytes: u64, ns: f64) -> f64 {
 
 /// Per (notify path, vCPUs): requests/s, requests per batch, the pauses'
 /// share of the burst, requests completed OK, batches.
-type TputFigures = (Spread, Spread, Spread, u64, u64);
+/// One (notify path, vCPUs) throughput case over every round.
+#[derive(Clone, Copy, Default)]
+struct TputFigures {
+    rps: Spread,
+    per_batch: Spread,
+    pause_share: Spread,
+    /// Times the host preempted a thread of the VMM (it wanted to run and
+    /// had to wait for a CPU), per request.
+    preempted_per_request: Spread,
+    ok: u64,
+    batches: u64,
+}
 
 /// Writes everything; returns the summary's text.
 pub fn write(
@@ -630,14 +642,27 @@ pub fn write(
             .iter()
             .map(|r| r.pause_ns / (r.seconds * 1e9).max(1.0))
             .collect();
-        let ok: u64 = runs.iter().map(|r| r.completed_ok).sum();
-        let batches: u64 = runs.iter().map(|r| r.batches).sum();
-        let (rps, per_batch, share) = (
-            Spread::of(&rps),
-            Spread::of(&per_batch),
-            Spread::of(&pause_share),
-        );
-        tput_fig.insert((path, vcpus), (rps, per_batch, share, ok, batches));
+        let preempted: Vec<f64> = runs
+            .iter()
+            .map(|r| r.preempted as f64 / (r.completed_ok.max(1)) as f64)
+            .collect();
+        let figures = TputFigures {
+            rps: Spread::of(&rps),
+            per_batch: Spread::of(&per_batch),
+            pause_share: Spread::of(&pause_share),
+            preempted_per_request: Spread::of(&preempted),
+            ok: runs.iter().map(|r| r.completed_ok).sum(),
+            batches: runs.iter().map(|r| r.batches).sum(),
+        };
+        tput_fig.insert((path, vcpus), figures);
+        let TputFigures {
+            rps,
+            per_batch,
+            pause_share: share,
+            ok,
+            batches,
+            ..
+        } = figures;
         tput_json.push(ThroughputRow {
             notify: path.name(),
             vcpus,
@@ -648,16 +673,25 @@ pub fn write(
             batches,
             requests_per_batch: per_batch,
             pause_time_share: share,
+            preempted_per_request: figures.preempted_per_request,
         });
     }
-    if let Some(&(one, ..)) = tput_fig.get(&(Notify::Vcpu, 1)) {
+    if let Some(&single) = tput_fig.get(&(Notify::Vcpu, 1)) {
+        let one = single.rps;
         for &vcpus in plan.tput_vcpus.iter().filter(|&&v| v > 1) {
-            let Some(&(rps, per_batch, share, _, _)) = tput_fig.get(&(Notify::Vcpu, vcpus)) else {
+            let Some(&figures) = tput_fig.get(&(Notify::Vcpu, vcpus)) else {
                 continue;
             };
+            let TputFigures {
+                rps,
+                per_batch,
+                pause_share: share,
+                preempted_per_request: preempted,
+                ..
+            } = figures;
             let eventfd = tput_fig
                 .get(&(Notify::Ioeventfd, vcpus))
-                .map_or(0.0, |f| f.0.p50);
+                .map_or(0.0, |f| f.rps.p50);
             targets.push(Target {
                 name: format!("{vcpus} vCPUs requesting at once: requests/s ≥ 1.0× 1 vCPU"),
                 measured: rps.p50 / one.p50.max(1e-9),
@@ -677,7 +711,11 @@ pub fn write(
                         "they rarely do, so every request pays for pausing the other vCPUs, which 1 vCPU never had to"
                     },
                     if vcpus > cores {
-                        format!("; {vcpus} vCPU threads on {cores} host CPUs: a paused or kicked vCPU must wait for a core")
+                        format!(
+                            "; {vcpus} vCPU threads on {cores} host CPUs: a paused or kicked vCPU must wait for a core (the host preempted the VMM's threads {:.2} times per request, against {:.2} with 1 vCPU: each is a thread that wanted to run and waited for a CPU)",
+                            preempted.p50,
+                            single.preempted_per_request.p50
+                        )
                     } else {
                         String::new()
                     }
@@ -696,7 +734,7 @@ pub fn write(
         }
     }
     for &vcpus in &plan.tput_vcpus {
-        let rps = |p: Notify| tput_fig.get(&(p, vcpus)).map_or(0.0, |f| f.0.p50);
+        let rps = |p: Notify| tput_fig.get(&(p, vcpus)).map_or(0.0, |f| f.rps.p50);
         if rps(Notify::Ioeventfd) > rps(Notify::Vcpu) {
             ioeventfd_wins.push(format!("throughput {vcpus} vCPU(s)"));
         }
@@ -928,7 +966,11 @@ pub fn write(
             .map(|(k, f)| {
                 (
                     f64::from(k.1),
-                    if per_batch { f.1.p50 * 1000.0 } else { f.0.p50 },
+                    if per_batch {
+                        f.per_batch.p50 * 1000.0
+                    } else {
+                        f.rps.p50
+                    },
                 )
             })
             .collect(),
@@ -1077,11 +1119,11 @@ pub fn write(
         writeln!(
             w,
             "| {vcpus} | {:.0} | {:.0} | {:.2} | {:.2} | {} |",
-            a.0.p50,
-            b.0.p50,
-            a.1.p50,
-            b.1.p50,
-            if b.0.p50 > a.0.p50 {
+            a.rps.p50,
+            b.rps.p50,
+            a.per_batch.p50,
+            b.per_batch.p50,
+            if b.rps.p50 > a.rps.p50 {
                 "ioeventfd"
             } else {
                 "vcpu"
@@ -1210,23 +1252,24 @@ pub fn write(
     }
     writeln!(
         w,
-        "\n## Throughput: every vCPU requesting at once\n\n![throughput](throughput.svg)\n\n{} requests of {} per vCPU. `batches` is the device's count of flushes (each one pause of the VM); requests per batch above 1 means concurrent requests shared a pause.\n\n| notify | vCPUs | requests/s | completed_ok | batches | requests per batch | pause share of the burst |\n| --- | --- | --- | --- | --- | --- | --- |",
+        "\n## Throughput: every vCPU requesting at once\n\n![throughput](throughput.svg)\n\n{} requests of {} per vCPU. `batches` is the device's count of flushes (each one pause of the VM); requests per batch above 1 means concurrent requests shared a pause.\n\n| notify | vCPUs | requests/s | completed_ok | batches | requests per batch | pause share of the burst | preempted per request |\n| --- | --- | --- | --- | --- | --- | --- | --- |",
         plan.tput_requests,
         size_name(plan.tput_size)
     )?;
     for path in Notify::ALL {
-        for (&(_, vcpus), &(rps, per_batch, share, ok, batches)) in
-            tput_fig.iter().filter(|(k, _)| k.0 == path)
-        {
+        for (&(_, vcpus), f) in tput_fig.iter().filter(|(k, _)| k.0 == path) {
             writeln!(
                 w,
-                "| {} | {vcpus} | {:.0} [{:.0}–{:.0}] | {ok} | {batches} | {:.2} | {:.0}% |",
+                "| {} | {vcpus} | {:.0} [{:.0}–{:.0}] | {} | {} | {:.2} | {:.0}% | {:.2} |",
                 path.name(),
-                rps.p50,
-                rps.p10,
-                rps.p90,
-                per_batch.p50,
-                share.p50 * 100.0
+                f.rps.p50,
+                f.rps.p10,
+                f.rps.p90,
+                f.ok,
+                f.batches,
+                f.per_batch.p50,
+                f.pause_share.p50 * 100.0,
+                f.preempted_per_request.p50
             )?;
         }
     }
