@@ -80,6 +80,8 @@ struct Pending {
 struct Round {
     generation: u64,
     popped: usize,
+    /// Some queue still had entries when the round took its ring's worth.
+    capped: bool,
     batch: FlushBatch,
     pending: Vec<Pending>,
 }
@@ -112,6 +114,12 @@ impl QueueWorker {
     /// system call per queue on every request, and a stale signal only
     /// makes the event loop find nothing to do. `queue` is for the log only.
     pub fn serve_notify(&self, queue: u32) {
+        self.serve_if_running(queue, true);
+    }
+
+    /// Serves the queues (see [`Inner::serve`]) unless the device is not
+    /// running, which a notify must not find.
+    fn serve_if_running(&self, queue: u32, trust_notifies: bool) {
         if self.inner.shared.lock().active.is_none() {
             let n = self.inner.idle_notifies.fetch_add(1, Ordering::Relaxed) + 1;
             CacheFlushMetrics::add(&self.inner.shared.metrics.notifies_while_idle, 1);
@@ -122,7 +130,7 @@ impl QueueWorker {
             });
             return;
         }
-        self.inner.serve();
+        self.inner.serve(trust_notifies);
     }
 }
 
@@ -140,7 +148,15 @@ impl Inner {
     }
 
     /// Serves the queues until they are empty or the round budget is spent.
-    fn serve(&self) {
+    ///
+    /// With `trust_notifies`, a round that emptied every queue ends it: a
+    /// request made after the round looked comes with a notify of its own
+    /// (the device never suppresses notifications), which starts another
+    /// serve, so looking again would only cost every request a second pass
+    /// over the queues. The notifying vCPU's own thread serves that way; the
+    /// event loop, whose latency matters less, also picks up requests a
+    /// driver published without notifying.
+    fn serve(&self, trust_notifies: bool) {
         for _ in 0..MAX_ROUNDS_PER_EVENT {
             let Some(round) = self.collect() else {
                 return;
@@ -148,7 +164,11 @@ impl Inner {
             if round.popped == 0 {
                 return;
             }
+            let capped = round.capped;
             self.flush_and_complete(round);
+            if trust_notifies && !capped {
+                return;
+            }
         }
         // Work may remain: come back after the loop's other subscribers.
         if let Some(event) = self.shared.queue_events.first() {
@@ -180,6 +200,7 @@ impl Inner {
         let mut round = Round {
             generation,
             popped: 0,
+            capped: false,
             batch: FlushBatch::default(),
             pending: Vec::new(),
         };
@@ -211,8 +232,10 @@ impl Inner {
             }
             // At most one ring's worth per round, so a guest refilling the
             // ring as fast as we pop cannot keep us here.
+            let mut emptied = false;
             for _ in 0..queue.size() {
                 let Some(chain) = queue.pop_descriptor_chain(&*memory) else {
+                    emptied = true;
                     break;
                 };
                 let head = chain.head_index();
@@ -276,6 +299,7 @@ impl Inner {
                     }
                 }
             }
+            round.capped |= !emptied;
             if used_added {
                 notify_driver(queue, memory, interrupt.as_ref(), index);
             }
@@ -527,7 +551,7 @@ impl MutEventSubscriber for QueueWorker {
         // Emptied first, or the level-triggered epoll would report them
         // again; a notify that arrives meanwhile signals them anew.
         self.inner.drain_notifications();
-        self.serve_notify(events.data());
+        self.serve_if_running(events.data(), false);
     }
 
     fn init(&mut self, ops: &mut EventOps) {

@@ -202,6 +202,9 @@ pub struct TestHelper<'a> {
     pub flush: Arc<Mutex<FlushControl>>,
     pub interrupt: Arc<RecordingInterrupt>,
     pub event_manager: EventManager<Arc<Mutex<QueueWorker>>>,
+    /// The queue worker the event loop drives, for serving a notify the way
+    /// a vCPU thread does.
+    pub worker: Arc<Mutex<QueueWorker>>,
     pub queues: Vec<DriverQueue<'a>>,
     next_buffer: u64,
 }
@@ -226,7 +229,7 @@ impl<'a> TestHelper<'a> {
         let interrupt = Arc::new(RecordingInterrupt::default());
         let transport = MmioTransport::new(device, mem.clone(), interrupt.clone()).unwrap();
         let mut event_manager = EventManager::new().unwrap();
-        event_manager.add_subscriber(handler);
+        event_manager.add_subscriber(handler.clone());
         Self {
             mem,
             transport: Arc::new(Mutex::new(transport)),
@@ -234,6 +237,7 @@ impl<'a> TestHelper<'a> {
             flush,
             interrupt,
             event_manager,
+            worker: handler,
             queues: Vec::new(),
             next_buffer: BUFFERS,
         }

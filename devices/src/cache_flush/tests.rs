@@ -1117,6 +1117,36 @@ fn requests_arriving_during_a_flush_are_served() {
 }
 
 #[test]
+fn a_notify_served_on_the_vcpu_thread_looks_once_and_later_requests_bring_their_own() {
+    let mem = test_memory();
+    let mut h = TestHelper::running(&mem, 1);
+    let first = h.add_request(0, one_range());
+    let late = h.build_chain(0, &[D::R(full_request(9)), D::W(1)]);
+    let avail = h.avail_addr(0);
+    let m = mem.clone();
+    let mut published = false;
+    h.flush.lock().unwrap().before_complete = Some(Box::new(move |_| {
+        if !published {
+            published = true;
+            // Another vCPU publishes a request; its notify comes next.
+            publish_raw(&m, avail, late.head);
+        }
+    }));
+    h.worker.lock().unwrap().serve_notify(0);
+    assert_eq!(h.status_byte(&first), OK);
+    assert_eq!(h.flush_calls().len(), 1);
+    assert_eq!(
+        h.used(0).len(),
+        1,
+        "one pass: the late request waits for its notify"
+    );
+    // Its own notify, served on its vCPU's thread.
+    h.worker.lock().unwrap().serve_notify(0);
+    assert_eq!(h.status_byte(&late), OK);
+    assert_eq!(h.flush_calls().len(), 2);
+}
+
+#[test]
 fn round_budget_yields_to_the_event_loop() {
     let mem = test_memory();
     let mut h = TestHelper::running(&mem, 1);
