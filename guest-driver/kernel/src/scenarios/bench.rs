@@ -7,9 +7,11 @@
 //!   to `max` (with `ladder=pow2`: every power of two from `min` to `max`,
 //!   the finer ladder the inline/split crossover needs), `reps` times (sizes
 //!   interleaved, largest first): one no-op exit (the MMIO floor: a read of the device's
-//!   MagicValue), one range flush through the device and the guest's own
-//!   ring-3 CLFLUSHOPT loop over the same freshly dirtied bytes. One line
-//!   `bench: range size=S floor=F dev=D guest=G` each.
+//!   MagicValue), one notify of the vCPU's queue with nothing in it (an
+//!   exit down the notify path that finds no work), one range flush through
+//!   the device and the guest's own ring-3 CLFLUSHOPT loop over the same
+//!   freshly dirtied bytes. One line
+//!   `bench: range size=S floor=F notify=N dev=D guest=G` each.
 //! * `part=full touch=BYTES reps=N`: vCPU 0 dirties `touch` bytes of scratch
 //!   RAM (making them resident), then `reps` times re-dirties them and makes
 //!   one full flush: `bench: full touch=T floor=F dev=D`.
@@ -130,7 +132,13 @@ fn range(env: &Env, flush: &Flush) -> Outcome {
                     guest = timed(|| clflushopt_range(buffer, size, line)).1;
                 }
             }
-            crate::println!("bench: range size={size} floor={floor} dev={dev} guest={guest}");
+            // After the request, so that it does not warm the notify path
+            // for the request (the floor before it warms the exit path as
+            // before).
+            let notify = timed(|| flush.empty_notify()).1;
+            crate::println!(
+                "bench: range size={size} floor={floor} notify={notify} dev={dev} guest={guest}"
+            );
         }
     }
     Outcome::Exit(status::SUCCESS)

@@ -217,6 +217,9 @@ pub struct Samples {
     pub load_at_start: String,
     /// MMIO floor per (notify path, vCPU count).
     pub floor: BTreeMap<(Notify, u32), Vec<f64>>,
+    /// An empty notify (the notify path's exit, no request) per (notify
+    /// path, vCPU count).
+    pub notify_floor: BTreeMap<(Notify, u32), Vec<f64>>,
     /// Device range latency per (notify path, vCPUs, size).
     pub range_dev: BTreeMap<(Notify, u32, u64), Vec<f64>>,
     /// Guest ring-3 CLFLUSHOPT per (notify path, vCPUs, size).
@@ -323,6 +326,10 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
                         .entry((path, vcpus))
                         .or_default()
                         .push(l.get("floor") as f64 * ns);
+                    s.notify_floor
+                        .entry((path, vcpus))
+                        .or_default()
+                        .push(l.get("notify") as f64 * ns);
                     s.range_dev
                         .entry((path, vcpus, size))
                         .or_default()
