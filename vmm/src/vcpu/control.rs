@@ -204,6 +204,28 @@ impl Wakeup {
     }
 }
 
+/// A wait's deadline, `timeout` from the first time it is looked at: a
+/// pause that never waits (nothing to stop, the role free) reads no clock,
+/// which every request on one vCPU would otherwise pay for, cold.
+struct Deadline {
+    timeout: Duration,
+    at: Option<Instant>,
+}
+
+impl Deadline {
+    fn after(timeout: Duration) -> Self {
+        Deadline { timeout, at: None }
+    }
+
+    /// The time left, `None` once it has passed.
+    fn left(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        let at = *self.at.get_or_insert(now + self.timeout);
+        at.checked_duration_since(now)
+            .filter(|left| !left.is_zero())
+    }
+}
+
 /// Shared between the vCPU threads and their controllers.
 pub struct VcpuControl {
     state: Mutex<State>,
@@ -402,8 +424,7 @@ impl VcpuControl {
     fn acquire_role<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
-        deadline: Instant,
-        timeout: Duration,
+        deadline: &mut Deadline,
     ) -> Result<MutexGuard<'a, State>, ControlError> {
         let me = std::thread::current().id();
         let vcpu = self.calling_vcpu();
@@ -429,21 +450,19 @@ impl VcpuControl {
                 if free(&st) {
                     break Ok(());
                 }
-                let now = Instant::now();
-                if now >= deadline {
-                    break Err(ControlError::RoleTimeout(timeout));
-                }
-                st = self.vcpu_wakeup.wait_timeout(st, deadline - now).0;
+                let Some(left) = deadline.left() else {
+                    break Err(ControlError::RoleTimeout(deadline.timeout));
+                };
+                st = self.vcpu_wakeup.wait_timeout(st, left).0;
             };
             st.slots[k].state = before;
             result?;
         } else {
             while !free(&st) {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(ControlError::RoleTimeout(timeout));
-                }
-                st = self.controller_wakeup.wait_timeout(st, deadline - now).0;
+                let Some(left) = deadline.left() else {
+                    return Err(ControlError::RoleTimeout(deadline.timeout));
+                };
+                st = self.controller_wakeup.wait_timeout(st, left).0;
             }
         }
         st.role = Some(RoleHolder {
@@ -525,14 +544,13 @@ impl VcpuControl {
         if let Some(&bad) = vcpus.iter().find(|&&i| i >= self.count()) {
             return Err(ControlError::NoSuchVcpu(bad));
         }
-        let role_deadline = Instant::now() + ROLE_TIMEOUT.max(timeout);
         let st = self.lock();
-        let mut st = self.acquire_role(st, role_deadline, ROLE_TIMEOUT.max(timeout))?;
+        let mut st = self.acquire_role(st, &mut Deadline::after(ROLE_TIMEOUT.max(timeout)))?;
         // A pause taken under a pause of the same thread: the outer one owns
         // the vCPUs' pause requests; this one only adds the ones it names.
         let nested = st.role.as_ref().is_some_and(|h| h.depth > 1);
         let me = self.calling_vcpu();
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Deadline::after(timeout);
         for &i in &vcpus {
             if Some(i) == me {
                 continue;
@@ -550,8 +568,7 @@ impl VcpuControl {
             if running.is_empty() {
                 break;
             }
-            let now = Instant::now();
-            if now >= deadline {
+            let Some(left) = deadline.left() else {
                 if !nested {
                     for &i in &vcpus {
                         if Some(i) != me {
@@ -564,8 +581,8 @@ impl VcpuControl {
                     vcpus: running,
                     timeout,
                 });
-            }
-            let wait = KICK_INTERVAL.min(deadline - now);
+            };
+            let wait = KICK_INTERVAL.min(left);
             let (guard, timed_out) = self.controller_wakeup.wait_timeout(st, wait);
             st = guard;
             if timed_out {
@@ -597,6 +614,10 @@ impl VcpuControl {
     /// wait is too.
     pub fn finish(&self, timeout: Duration) -> Vec<usize> {
         let deadline = Instant::now() + timeout;
+        let mut role_deadline = Deadline {
+            timeout,
+            at: Some(deadline),
+        };
         let st = self.lock();
         // A caller that holds a pause itself would nest: it gets every live
         // vCPU back as "stuck" instead (finishing under one's own pause
@@ -607,7 +628,7 @@ impl VcpuControl {
                 .filter(|&i| st.slots[i].state != RunState::Exited)
                 .collect();
         }
-        let mut st = match self.acquire_role(st, deadline, timeout) {
+        let mut st = match self.acquire_role(st, &mut role_deadline) {
             Ok(st) => st,
             Err(_) => {
                 let st = self.lock();
