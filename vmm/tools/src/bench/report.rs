@@ -353,7 +353,9 @@ pub fn write(
                     us(med(s.range_host.get(&(1, size))))
                 ),
                 _ => format!(
-                    "the largest part is outside the engine's timed phases: walking the descriptor chain in guest memory, completing the request, resuming, and the driver's ring-3 work around the exit (the floor is a MagicValue read that touches no queue){}",
+                    "the largest part is outside the engine's timed phases; the empty notify costs {:.2}× the floor, so the notify's exit adds {} and the rest is the host's own work for the request, which runs cold after every exit: taking it off the ring and validating it, the engine's bookkeeping around its phases (the flush log record, the statistics) and writing the answer (README, Benchmark, splits it once with rdtsc){}",
+                    empty_notify / exit.max(1.0),
+                    us((empty_notify - exit).max(0.0)),
                     if p10 < 0.5 * d {
                         format!(
                             "; the p10 request took {}, so the median holds waits only some requests see: the requesting vCPU thread waiting for one of {cores} host CPUs (with the other vCPU spinning and the load average above; not measured directly)",
