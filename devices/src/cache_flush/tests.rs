@@ -1085,27 +1085,38 @@ fn only_invalid_requests_never_flush() {
     assert_eq!(h.snapshot().batches, 0);
 }
 
+/// Arranges for `late` to be published (by another vCPU) during the next
+/// flush, after which `then` runs; once.
+fn publish_during_the_next_flush(
+    h: &TestHelper<'_>,
+    late: &Submitted,
+    mut then: impl FnMut() + Send + 'static,
+) {
+    let (m, avail, head) = (h.mem.clone(), h.avail_addr(0), late.head);
+    let mut published = false;
+    h.flush.lock().unwrap().before_complete = Some(Box::new(move |_| {
+        if !published {
+            published = true;
+            publish_raw(&m, avail, head);
+            then();
+        }
+    }));
+}
+
 #[test]
 fn requests_arriving_during_a_flush_are_served() {
     let mem = test_memory();
     let mut h = TestHelper::running(&mem, 1);
     let first = h.add_request(0, one_range());
     let late = h.build_chain(0, &[D::R(full_request(9)), D::W(1)]);
-    let avail = h.avail_addr(0);
     let transport = h.transport.clone();
-    let m = mem.clone();
-    let mut published = false;
-    h.flush.lock().unwrap().before_complete = Some(Box::new(move |_| {
-        if !published {
-            published = true;
-            // A (not yet paused) vCPU adds a request and notifies.
-            publish_raw(&m, avail, late.head);
-            transport
-                .lock()
-                .unwrap()
-                .write(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY), &0u32.to_le_bytes());
-        }
-    }));
+    publish_during_the_next_flush(&h, &late, move || {
+        // The (not yet paused) vCPU that published it notifies.
+        transport
+            .lock()
+            .unwrap()
+            .write(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY), &0u32.to_le_bytes());
+    });
     h.kick(0);
     assert_eq!((h.status_byte(&first), h.status_byte(&late)), (OK, OK));
     let calls = h.flush_calls();
@@ -1122,16 +1133,8 @@ fn a_notify_served_on_the_vcpu_thread_looks_once_and_later_requests_bring_their_
     let mut h = TestHelper::running(&mem, 1);
     let first = h.add_request(0, one_range());
     let late = h.build_chain(0, &[D::R(full_request(9)), D::W(1)]);
-    let avail = h.avail_addr(0);
-    let m = mem.clone();
-    let mut published = false;
-    h.flush.lock().unwrap().before_complete = Some(Box::new(move |_| {
-        if !published {
-            published = true;
-            // Another vCPU publishes a request; its notify comes next.
-            publish_raw(&m, avail, late.head);
-        }
-    }));
+    // Another vCPU publishes a request; its notify comes next.
+    publish_during_the_next_flush(&h, &late, || {});
     h.worker.lock().unwrap().serve_notify(0);
     assert_eq!(h.status_byte(&first), OK);
     assert_eq!(h.flush_calls().len(), 1);
