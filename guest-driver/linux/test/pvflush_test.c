@@ -56,9 +56,12 @@
 /*
  * Attempts before the probe gives up as inconclusive: where ring 0 is
  * interpreted most attempts are void (the control's system call lets the
- * cached lines decay: 8 of 9 in one run).
+ * cached lines decay: 8 of 9 in one run; after FLUSH_ALLs, 19 of 20 in
+ * one run before each attempt settled first).
  */
-#define PROBE_ATTEMPTS	20
+#define PROBE_ATTEMPTS	30
+/* Before each attempt: user-space spinning while the kernel's ticks run. */
+#define PROBE_SETTLE_NS	50000000ULL
 /* An attempt counts when at most this share of the control was evicted. */
 #define CONTROL_MAX	0.25
 /* A flush evicts when at least this share of its lines was. */
@@ -566,6 +569,31 @@ static bool calibrate(struct probe *p)
 
 enum probe_result { PROBE_EVICTED, PROBE_NOT_EVICTED, PROBE_INCONCLUSIVE };
 
+static uint64_t now_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
+}
+
+/*
+ * After a FLUSH_ALL every line of the guest kernel is cold, so the next
+ * timer ticks and system calls (interpreted ring 0 here) run for many
+ * milliseconds, long enough for warmed lines to decay.  Spin in user space
+ * (native; the vDSO clock) while a dozen ticks warm their path again, then
+ * make the system call the control makes.
+ */
+static void settle(void)
+{
+	struct pvflush_info info;
+	uint64_t end = now_ns() + PROBE_SETTLE_NS;
+
+	while (now_ns() < end)
+		;
+	get_info(&info);
+}
+
 /*
  * Warm, make the request, reload; the same with a no-op ioctl (INFO) as
  * the control, which costs the same system call and kernel entry but
@@ -585,11 +613,11 @@ static enum probe_result probe_request(struct probe *p, const char *what,
 
 		shuffle(p);
 		/*
-		 * A system call first: after a FLUSH_ALL every line of the
-		 * guest kernel is cold too, and the control's own system call
-		 * (interpreted ring 0 here) then took long enough for the
-		 * warmed lines to decay (66-100% "evicted" after the no-op).
+		 * Settle first: after a FLUSH_ALL the control's own system call
+		 * otherwise took long enough for the warmed lines to decay
+		 * (66-100% "evicted" after the no-op).
 		 */
+		settle();
 		get_info(&before);
 		warm(p);
 		get_info(&before);
