@@ -103,9 +103,11 @@ impl QueueWorker {
     }
 
     /// Serves a notify now, on the calling thread: pops, flushes and
-    /// completes everything available on every queue (up to
+    /// completes everything available on every queue when it looks, as one
+    /// batch (more only while a queue held more than a ring's worth, up to
     /// [`MAX_ROUNDS_PER_EVENT`] batches; the rest is signalled for the
-    /// event loop). For a VMM that handles QueueNotify on the notifying
+    /// event loop). A request made available after the look is served by
+    /// its own notify. For a VMM that handles QueueNotify on the notifying
     /// vCPU's thread: call it after the MMIO exit is dispatched, with no
     /// device or bus lock held, so that the requester finds its request
     /// completed when its notify returns (and tell the transport not to
