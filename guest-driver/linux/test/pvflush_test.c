@@ -61,7 +61,7 @@
  */
 #define PROBE_ATTEMPTS	30
 /* Before each attempt: user-space spinning while the kernel's ticks run. */
-#define PROBE_SETTLE_NS	50000000ULL
+#define PROBE_SETTLE_S	0.05
 /* An attempt counts when at most this share of the control was evicted. */
 #define CONTROL_MAX	0.25
 /* A flush evicts when at least this share of its lines was. */
@@ -569,29 +569,18 @@ static bool calibrate(struct probe *p)
 
 enum probe_result { PROBE_EVICTED, PROBE_NOT_EVICTED, PROBE_INCONCLUSIVE };
 
-static uint64_t now_ns(void)
-{
-	struct timespec t;
-
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
-}
-
 /*
  * After a FLUSH_ALL every line of the guest kernel is cold, so the next
  * timer ticks and system calls (interpreted ring 0 here) run for many
  * milliseconds, long enough for warmed lines to decay.  Spin in user space
- * (native; the vDSO clock) while a dozen ticks warm their path again, then
- * make the system call the control makes.
+ * (native; the vDSO clock) while a dozen ticks warm their path again.
  */
 static void settle(void)
 {
-	struct pvflush_info info;
-	uint64_t end = now_ns() + PROBE_SETTLE_NS;
+	double end = uptime() + PROBE_SETTLE_S;
 
-	while (now_ns() < end)
+	while (uptime() < end)
 		;
-	get_info(&info);
 }
 
 /*
@@ -613,9 +602,10 @@ static enum probe_result probe_request(struct probe *p, const char *what,
 
 		shuffle(p);
 		/*
-		 * Settle first: after a FLUSH_ALL the control's own system call
-		 * otherwise took long enough for the warmed lines to decay
-		 * (66-100% "evicted" after the no-op).
+		 * Settle, then make the control's system call once: after a
+		 * FLUSH_ALL the control's own system call otherwise took long
+		 * enough for the warmed lines to decay (66-100% "evicted" after
+		 * the no-op).
 		 */
 		settle();
 		get_info(&before);
