@@ -315,17 +315,20 @@ pub fn write(
         }
     }
 
+    // What a request on `vcpus` vCPUs pays to stop the others: host
+    // `pause_all` of that many busy vCPUs, measured in this run.
+    let pause_of_others = |vcpus: u32| match vcpus - 1 {
+        0 => 0.0,
+        others => med(s.pause.get(&others)),
+    };
+
     // Small ranges: one exit (plus, on N vCPUs, the pause of the others).
     for vcpus in [1u32, 2] {
         let path = Notify::Vcpu;
         let exit = floor(path, vcpus);
         let empty_notify = med(s.notify_floor.get(&(path, vcpus)));
         let others = vcpus - 1;
-        let peer_pause = if others > 0 {
-            med(s.pause.get(&others))
-        } else {
-            0.0
-        };
+        let peer_pause = pause_of_others(vcpus);
         let budget = exit + peer_pause;
         let limit = if vcpus == 1 { 1.3 } else { 1.2 };
         for &size in sizes.iter().filter(|&&z| z <= 4096) {
@@ -434,11 +437,7 @@ pub fn write(
             // ran during the flush). Measured in this run.
             let exit = floor(path, vcpus);
             let others = vcpus - 1;
-            let others_pause = if others > 0 {
-                med(s.pause.get(&others))
-            } else {
-                0.0
-            };
+            let others_pause = pause_of_others(vcpus);
             let bound = hostt / (exit + others_pause + hostt).max(1.0);
             let bound_text = format!(
                 "at best, with nothing but one exit ({}){} before a flush at the peer's speed, the request reaches {bound:.2}× the peer{}",
@@ -461,7 +460,7 @@ pub fn write(
                 "{bound_text}; {phase_text}; planning took {}, and outside the engine's timed phases the request spent {} (one exit is {}, a whole 64 B request {}; after the flush the engine logs the batch, answers and resumes, none of it timed separately){}",
                 us(plan_ns),
                 us(outside),
-                us(floor(path, vcpus)),
+                us(exit),
                 us(fixed),
                 if p10 < 0.5 * d {
                     format!(
