@@ -10,5 +10,6 @@
 //! the flush engine's statistics and observer, `SharedAlias`).
 #![deny(missing_docs)]
 
+mod affinity;
 pub mod bench;
 pub mod reload_probe;

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use vmm::flush_engine::cache_ops::{self, FlushInstruction};
 
+use crate::affinity;
+
 /// TSC ticks per nanosecond, measured against the monotonic clock.
 pub fn tsc_per_ns() -> f64 {
     // SAFETY: rdtsc has no memory effects.
@@ -112,32 +114,17 @@ impl HostBuffer {
 
 /// The CPUs the calling thread may run on, in order (empty if unknown).
 fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain bits; all zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let size = std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: `set` is a cpu_set_t of `size` bytes; pid 0 is this thread.
-    if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
-        return Vec::new();
-    }
-    (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `cpu` is below CPU_SETSIZE; `set` is initialised.
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-        .collect()
+    affinity::current()
+        .map(|set| affinity::members(&set))
+        .unwrap_or_default()
 }
 
-/// Pins the calling thread to `cpu` (a peer thread, which ends soon after,
-/// so the previous set is not restored). Best effort: unpinned, the figure
-/// is only noisier.
+/// Pins the calling thread to `cpu`, one of [`allowed_cpus`] (a peer
+/// thread, which ends soon after, so the previous set is not restored).
+/// Best effort: unpinned, the figure is only noisier.
 fn pin_to(cpu: usize) {
-    // SAFETY: as in `allowed_cpus`.
-    let mut only: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` came from `allowed_cpus`, below CPU_SETSIZE.
-    unsafe { libc::CPU_SET(cpu, &mut only) };
-    let size = std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: `only` is a valid cpu_set_t of `size` bytes; pid 0 is this
-    // thread.
-    if unsafe { libc::sched_setaffinity(0, size, &only) } != 0 {
-        log::debug!("could not pin a peer thread to CPU {cpu}");
+    if let Err(e) = affinity::set(&affinity::only(cpu)) {
+        log::debug!("could not pin a peer thread to CPU {cpu}: {e}");
     }
 }
 

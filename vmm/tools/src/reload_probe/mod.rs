@@ -34,6 +34,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use vmm::alias::SharedAlias;
 
+use crate::affinity;
+
 /// The cache-line size the probe works in (x86-64).
 pub const LINE: usize = 64;
 /// The page size whose first touches the probe times (x86-64 base pages;
@@ -311,24 +313,11 @@ pub struct PinnedToCurrentCpu {
 impl PinnedToCurrentCpu {
     /// Pins the calling thread.
     pub fn new() -> Result<Self, ReloadError> {
-        // SAFETY: cpu_set_t is plain bits; all zero is the empty set.
-        let mut previous: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::cpu_set_t>();
-        // SAFETY: `previous` is a cpu_set_t of `size` bytes; pid 0 is this
-        // thread.
-        if unsafe { libc::sched_getaffinity(0, size, &mut previous) } != 0 {
-            return Err(ReloadError::Pin(errno()));
-        }
+        let pin_error = |e: std::io::Error| ReloadError::Pin(e.raw_os_error().unwrap_or(0));
+        let previous = affinity::current().map_err(pin_error)?;
+        // A CPU number the kernel just gave: below CPU_SETSIZE.
         let cpu = vmm::flush_engine::current_cpu();
-        // SAFETY: as above.
-        let mut only: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `cpu` is a CPU number the kernel just gave, below
-        // CPU_SETSIZE.
-        unsafe { libc::CPU_SET(cpu as usize, &mut only) };
-        // SAFETY: `only` is a valid cpu_set_t of `size` bytes.
-        if unsafe { libc::sched_setaffinity(0, size, &only) } != 0 {
-            return Err(ReloadError::Pin(errno()));
-        }
+        affinity::set(&affinity::only(cpu as usize)).map_err(pin_error)?;
         Ok(Self {
             previous,
             cpu,
@@ -344,19 +333,10 @@ impl PinnedToCurrentCpu {
 
 impl Drop for PinnedToCurrentCpu {
     fn drop(&mut self) {
-        let size = std::mem::size_of::<libc::cpu_set_t>();
-        // SAFETY: `previous` is the set sched_getaffinity returned.
-        if unsafe { libc::sched_setaffinity(0, size, &self.previous) } != 0 {
-            log::warn!(
-                "could not restore the probe thread's CPU set: errno {}",
-                errno()
-            );
+        if let Err(e) = affinity::set(&self.previous) {
+            log::warn!("could not restore the probe thread's CPU set: {e}");
         }
     }
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
 fn rdtsc() -> u64 {
