@@ -177,9 +177,10 @@ const EXT1_ECX_HIDDEN: u32 = (1 << 5) | (1 << 8);
 /// Parameters that keep an interpreted ring 0 off slow or unsupported paths.
 /// `lpj` skips the delay-loop calibration (its value only scales `udelay`
 /// before the TSC takes over). Blacklisted initcalls:
-/// `ftrace_check_for_weak_functions` checks every ftrace record (~37,000 kallsyms lookups) for weak functions: interpreted, it held
-/// CPU 0 for 3 minutes (soft-lockup reports), stalling RCU and with it the
-/// rest of the boot; only the function tracer needs its result.
+/// `ftrace_check_for_weak_functions` checks every ftrace record (~37,000
+/// kallsyms lookups) for weak functions: interpreted, it held CPU 0 for 3
+/// minutes (soft-lockup reports), stalling RCU and with it the rest of the
+/// boot; only the function tracer needs its result.
 /// `trace_eval_init` queues the rewrite of every trace event's format with
 /// the kernel's enum names under `event_mutex`: interpreted, it held that
 /// mutex for minutes while `init_kprobe_trace` waited (a hung-task report at
