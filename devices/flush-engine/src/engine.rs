@@ -27,18 +27,19 @@
 //! is.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::cache_flush::{BatchCompletion, FlushBackend, FlushBatch, FlushError};
+use smallvec::SmallVec;
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::cache_ops::{self, CacheOps, HostRange, LineFlush};
 use crate::flush_log::{BatchOutcome, FlushLog, PhaseTimes, MAX_EXTENTS_PER_RECORD};
 use crate::hooks::{HookFilter, HookId, HookPoint, PauseHook, PausedBatch};
 use crate::pause::{PauseError, PausedVcpus, VcpuPause, Worker};
-use crate::plan::{self, Extent};
+use crate::plan::{self, Extent, Extents};
 use crate::resident;
 
 /// How long a flush waits for every vCPU to stop, by default.
@@ -181,13 +182,15 @@ pub struct EngineStats {
     /// the VMM can tell). The design makes this impossible; it is counted so
     /// tests can assert it, and a batch that sees it fails.
     pub vcpus_running_during_flush: AtomicU64,
-    last: Mutex<Option<FlushRecord>>,
-    latencies: Mutex<Latencies>,
+    /// One lock for both, taken once per batch.
+    recent: Mutex<Recent>,
 }
 
-/// The most recent pause and flush durations, for percentiles.
+/// The last flush, and the most recent pause and flush durations (for
+/// percentiles).
 #[derive(Default)]
-struct Latencies {
+struct Recent {
+    last: Option<FlushRecord>,
     pause_ns: Vec<u64>,
     flush_ns: Vec<u64>,
     next: usize,
@@ -231,31 +234,63 @@ impl Percentiles {
 }
 
 impl EngineStats {
-    fn record_latency(&self, pause_ns: u64, flush_ns: u64) {
-        let mut l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
-        if l.pause_ns.len() < LATENCY_WINDOW {
-            l.pause_ns.push(pause_ns);
-            l.flush_ns.push(flush_ns);
+    /// Keeps a successful flush as the last one, and its durations. The
+    /// last record is overwritten in place: no allocation once it exists.
+    fn record(&self, flushed: &Flushed) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let PhaseTimes {
+            plan_ns,
+            pause_ns,
+            flush_ns,
+        } = flushed.times;
+        let last = recent.last.get_or_insert_with(FlushRecord::default);
+        last.shares.clear();
+        last.shares.extend_from_slice(&flushed.shares);
+        last.full = flushed.full;
+        last.bytes = flushed.bytes;
+        last.plan_ns = plan_ns;
+        last.pause_ns = pause_ns;
+        last.flush_ns = flush_ns;
+        if recent.pause_ns.len() < LATENCY_WINDOW {
+            recent.pause_ns.push(pause_ns);
+            recent.flush_ns.push(flush_ns);
         } else {
-            let i = l.next;
-            l.pause_ns[i] = pause_ns;
-            l.flush_ns[i] = flush_ns;
-            l.next = (i + 1) % LATENCY_WINDOW;
+            let i = recent.next;
+            recent.pause_ns[i] = pause_ns;
+            recent.flush_ns[i] = flush_ns;
+            recent.next = (i + 1) % LATENCY_WINDOW;
         }
     }
 
     /// Percentiles of the pause and flush times of the last
     /// [`LATENCY_WINDOW`] flushes.
     pub fn latency_percentiles(&self) -> (Percentiles, Percentiles) {
-        let l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
-        (Percentiles::of(&l.pause_ns), Percentiles::of(&l.flush_ns))
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            Percentiles::of(&recent.pause_ns),
+            Percentiles::of(&recent.flush_ns),
+        )
     }
 
     /// The record of the last flush that ran.
     pub fn last_flush(&self) -> Option<FlushRecord> {
-        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.last.clone()
     }
 }
+
+/// What a successful batch did (the engine's own copy of a
+/// [`FlushRecord`], its shares inline).
+struct Flushed {
+    shares: Shares,
+    full: bool,
+    bytes: u64,
+    times: PhaseTimes,
+}
+
+/// The shares of one batch: one on the inline path, one per worker
+/// otherwise.
+type Shares = SmallVec<[ShareRecord; 2]>;
 
 /// The pause-all flush engine, generic over how the VMM pauses its vCPUs
 /// (`P`) and over its guest memory (`AS`: anything vm-memory's
@@ -270,12 +305,50 @@ pub struct FlushEngine<P, AS: GuestAddressSpace> {
     line: u64,
     config: EngineConfig,
     stats: Arc<EngineStats>,
-    observer: Arc<Mutex<Option<FlushObserver>>>,
+    observer: Arc<Slot<FlushObserver>>,
     log: Arc<FlushLog>,
     seq: Arc<AtomicU64>,
-    hooks: Arc<Mutex<Hooks<AS>>>,
+    hooks: Arc<HookSet<AS>>,
     created: Instant,
-    estimate_sink: Arc<Mutex<Option<EstimateSink>>>,
+    estimate_sink: Arc<Slot<EstimateSink>>,
+}
+
+/// A callback an embedder may set, looked at several times per batch: unset
+/// (the usual case) it costs one flag load, not a lock.
+struct Slot<T> {
+    set: AtomicBool,
+    value: Mutex<Option<T>>,
+}
+
+impl<T: Clone> Slot<T> {
+    fn empty() -> Self {
+        Self {
+            set: AtomicBool::new(false),
+            value: Mutex::new(None),
+        }
+    }
+
+    fn put(&self, value: Option<T>) {
+        let mut slot = self.value.lock().unwrap_or_else(|p| p.into_inner());
+        self.set.store(value.is_some(), Ordering::SeqCst);
+        *slot = value;
+    }
+
+    /// The callback now, cloned so that it runs without the lock held (it
+    /// may take a while, and may set the slot itself).
+    fn get(&self) -> Option<T> {
+        if !self.set.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.value.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The registered pause hooks, and whether there are any (checked without
+/// the lock on every batch).
+struct HookSet<AS: GuestAddressSpace> {
+    any: AtomicBool,
+    hooks: Mutex<Hooks<AS>>,
 }
 
 /// Receives a fresh (full-flush cost in ns, break-even range bytes) from
@@ -369,15 +442,18 @@ where
             line: ops.line as u64,
             config: EngineConfig::default(),
             stats: Arc::new(EngineStats::default()),
-            observer: Arc::new(Mutex::new(None)),
+            observer: Arc::new(Slot::empty()),
             log: Arc::new(FlushLog::default()),
             seq: Arc::new(AtomicU64::new(0)),
-            hooks: Arc::new(Mutex::new(Hooks {
-                next_id: 0,
-                list: Vec::new(),
-            })),
+            hooks: Arc::new(HookSet {
+                any: AtomicBool::new(false),
+                hooks: Mutex::new(Hooks {
+                    next_id: 0,
+                    list: Vec::new(),
+                }),
+            }),
             created: Instant::now(),
-            estimate_sink: Arc::new(Mutex::new(None)),
+            estimate_sink: Arc::new(Slot::empty()),
         }
     }
 
@@ -386,7 +462,7 @@ where
     /// residency scan plus the flush) and the range size that costs as much
     /// at the bandwidth it flushed at.
     pub fn set_full_flush_estimate_sink(&self, sink: Option<EstimateSink>) {
-        *self.estimate_sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+        self.estimate_sink.put(sink);
     }
 
     /// The flush log: one record per batch, with its sequence number.
@@ -403,18 +479,22 @@ where
     /// their pause (see [`PauseHook`]), each call bounded by
     /// [`EngineConfig::hook_timeout`].
     pub fn add_pause_hook(&self, filter: HookFilter, hook: Arc<dyn PauseHook<AS::M>>) -> HookId {
-        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hooks = self.hooks.hooks.lock().unwrap_or_else(|p| p.into_inner());
         hooks.next_id += 1;
         let id = HookId(hooks.next_id);
         hooks.list.push((id, filter, hook));
+        self.hooks.any.store(true, Ordering::SeqCst);
         id
     }
 
     /// Removes a hook; false if it was not registered.
     pub fn remove_pause_hook(&self, id: HookId) -> bool {
-        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hooks = self.hooks.hooks.lock().unwrap_or_else(|p| p.into_inner());
         let before = hooks.list.len();
         hooks.list.retain(|(h, _, _)| *h != id);
+        self.hooks
+            .any
+            .store(!hooks.list.is_empty(), Ordering::SeqCst);
         hooks.list.len() != before
     }
 
@@ -525,22 +605,23 @@ where
 
     /// Installs (or removes) the phase observer.
     pub fn set_observer(&self, observer: Option<FlushObserver>) {
-        *self.observer.lock().unwrap_or_else(|p| p.into_inner()) = observer;
+        self.observer.put(observer);
     }
 
     fn observe(&self, phase: FlushPhase) {
-        if let Some(observer) = current(&self.observer) {
+        if let Some(observer) = self.observer.get() {
             observer(phase);
         }
     }
 
     /// The extents a batch covers, in whole lines, each inside one region.
-    fn extents(&self, memory: &AS::M, batch: &FlushBatch) -> Result<Vec<Extent>, EngineError> {
+    fn extents(&self, memory: &AS::M, batch: &FlushBatch) -> Result<Extents, EngineError> {
         if batch.full {
             // One extent per run of resident pages of one region.
-            return Ok(resident::resident_extents(memory)?);
+            return Ok(Extents::from_vec(resident::resident_extents(memory)?));
         }
-        let regions: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let regions: SmallVec<[(u64, u64); 8]> =
+            memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
         Ok(plan::split_at_regions(
             &plan::normalise(batch.extents.iter().map(|e| (e.addr, e.len)), self.line),
             &regions,
@@ -550,7 +631,7 @@ where
     /// Plans, pauses, runs the hooks and flushes, logs the batch, answers
     /// `done` while still paused, resumes. Every path answers `done` exactly
     /// once and logs one record.
-    fn run(&self, batch: &FlushBatch, done: BatchCompletion) -> Result<FlushRecord, EngineError> {
+    fn run(&self, batch: &FlushBatch, done: BatchCompletion) -> Result<Flushed, EngineError> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let start = Instant::now();
         let memory = self.memory.memory();
@@ -577,21 +658,23 @@ where
                 return Err(fail_unpaused(e, done, times));
             }
         };
-        let hooks: Vec<Arc<dyn PauseHook<AS::M>>> = {
-            let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        let hooks: Vec<Arc<dyn PauseHook<AS::M>>> = if self.hooks.any.load(Ordering::SeqCst) {
+            let hooks = self.hooks.hooks.lock().unwrap_or_else(|p| p.into_inner());
             hooks
                 .list
                 .iter()
                 .filter(|(_, filter, _)| filter.matches(&batch.requests))
                 .map(|(_, _, hook)| hook.clone())
                 .collect()
+        } else {
+            Vec::new()
         };
         // What the hooks see, built only if a hook runs.
         let paused_batch = (!hooks.is_empty()).then(|| {
             Arc::new(PausedBatch {
                 seq,
                 full: batch.full,
-                extents: extents.clone(),
+                extents: extents.to_vec(),
                 requests: batch.requests.clone(),
             })
         });
@@ -660,13 +743,11 @@ where
         drop(pause);
         self.observe(FlushPhase::Resumed);
         let (shares, bytes) = result?;
-        Ok(FlushRecord {
+        Ok(Flushed {
             shares,
-            bytes,
             full: batch.full,
-            plan_ns,
-            pause_ns,
-            flush_ns,
+            bytes,
+            times,
         })
     }
 
@@ -676,7 +757,7 @@ where
         if bytes == 0 {
             return;
         }
-        if let Some(sink) = current(&self.estimate_sink) {
+        if let Some(sink) = self.estimate_sink.get() {
             let (cost_ns, break_even) = full_flush_estimate(plan_ns, flush_ns, bytes, self.line);
             sink(cost_ns, break_even);
         }
@@ -689,7 +770,7 @@ where
         pause: &P::Paused<'_>,
         memory: AS::T,
         extents: &[Extent],
-    ) -> Result<(Vec<ShareRecord>, u64), EngineError> {
+    ) -> Result<(Shares, u64), EngineError> {
         let bytes: u64 = extents.iter().map(|e| e.1).sum();
         let planned_lines = plan::lines_in(extents, self.line);
         // Small batches on this thread alone: see `inline_max_bytes`.
@@ -721,7 +802,7 @@ where
         }
         let share_count = records.len();
         let missing_shares = records.iter().filter(|r| r.is_none()).count();
-        let shares: Vec<ShareRecord> = records.into_iter().flatten().collect();
+        let shares: Shares = records.into_iter().flatten().collect();
         let flushed: u64 = shares.iter().map(|s| s.lines).sum();
         if flushed != planned_lines || missing_shares > 0 {
             return Err(EngineError::Incomplete {
@@ -740,7 +821,7 @@ where
     fn flush_here(&self, vcpu: Option<usize>, memory: &AS::M, extents: &[Extent]) -> ShareOutcome {
         if extents.is_empty() {
             return ShareOutcome {
-                records: Vec::new(),
+                records: SmallVec::new(),
                 panicked: 0,
                 in_guest: 0,
                 work_result: Ok(()),
@@ -752,7 +833,7 @@ where
         let in_guest = self.pauser.vcpus_in_guest().unwrap_or(0) as u64;
         ShareOutcome {
             panicked: u64::from(lines.is_none()),
-            records: vec![lines.map(|lines| ShareRecord {
+            records: smallvec::smallvec![lines.map(|lines| ShareRecord {
                 vcpu,
                 host_cpu: current_cpu(),
                 vcpu_last_host_cpu: vcpu
@@ -816,7 +897,7 @@ where
         let work_result = pause.run_on_vcpus(Arc::new(share_of), self.config.work_timeout(bytes));
         let records = std::mem::take(&mut *records.lock().unwrap_or_else(|p| p.into_inner()));
         ShareOutcome {
-            records,
+            records: SmallVec::from_vec(records),
             panicked: panicked.load(Ordering::SeqCst),
             in_guest: in_guest.load(Ordering::SeqCst),
             work_result,
@@ -836,7 +917,7 @@ struct Answer<'a> {
 struct ShareOutcome {
     /// One entry per share; `None` where a share did not report (panicked,
     /// or its worker never ran it).
-    records: Vec<Option<ShareRecord>>,
+    records: SmallVec<[Option<ShareRecord>; 2]>,
     /// Shares that panicked.
     panicked: u64,
     /// vCPUs found in guest mode after a share.
@@ -869,33 +950,32 @@ where
     AS::M: GuestMemoryBackend + 'static,
     AS::T: Send + Sync + 'static,
 {
-    fn flush(&self, batch: FlushBatch, done: BatchCompletion) {
+    fn flush(&self, batch: &FlushBatch, done: BatchCompletion) {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         if batch.full {
             self.stats.full_flushes.fetch_add(1, Ordering::Relaxed);
         }
-        match self.run(&batch, done) {
-            Ok(record) => {
-                let lines: u64 = record.shares.iter().map(|s| s.lines).sum();
+        match self.run(batch, done) {
+            Ok(flushed) => {
+                let lines: u64 = flushed.shares.iter().map(|s| s.lines).sum();
                 self.stats.lines.fetch_add(lines, Ordering::Relaxed);
-                self.stats.bytes.fetch_add(record.bytes, Ordering::Relaxed);
+                self.stats.bytes.fetch_add(flushed.bytes, Ordering::Relaxed);
                 self.stats
                     .pause_ns
-                    .fetch_add(record.pause_ns, Ordering::Relaxed);
+                    .fetch_add(flushed.times.pause_ns, Ordering::Relaxed);
                 self.stats
                     .flush_ns
-                    .fetch_add(record.flush_ns, Ordering::Relaxed);
-                self.stats.record_latency(record.pause_ns, record.flush_ns);
+                    .fetch_add(flushed.times.flush_ns, Ordering::Relaxed);
+                self.stats.record(&flushed);
                 log::debug!(
                     "flushed {} bytes ({} lines, full: {}) in {} shares; pause {} µs, flush {} µs",
-                    record.bytes,
+                    flushed.bytes,
                     lines,
-                    record.full,
-                    record.shares.len(),
-                    record.pause_ns / 1000,
-                    record.flush_ns / 1000
+                    flushed.full,
+                    flushed.shares.len(),
+                    flushed.times.pause_ns / 1000,
+                    flushed.times.flush_ns / 1000
                 );
-                *self.stats.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -911,12 +991,6 @@ where
             }
         }
     }
-}
-
-/// The callback in `slot` now, cloned so that it runs without the lock held
-/// (it may take a while, and may set the slot itself).
-fn current<T: Clone>(slot: &Mutex<Option<T>>) -> Option<T> {
-    slot.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// A full flush's cost without the pause, and the range size that costs as

@@ -1,16 +1,22 @@
 //! Turning a batch into per-vCPU shares of whole cache lines.
 
+use smallvec::SmallVec;
 use vm_memory::GuestAddress;
 
 /// A guest-physical extent, in whole lines after [`normalise`].
 pub type Extent = (GuestAddress, u64);
 
+/// A batch's extents. A batch of a few requests fits inline: planning it
+/// allocates nothing (each allocation on a request's path is paid cold,
+/// after an exit).
+pub type Extents = SmallVec<[Extent; 4]>;
+
 /// Rounds every extent out to whole lines, sorts them, and merges the ones
 /// that overlap or touch, so a line requested twice in a batch is flushed
 /// once. Rounding never leaves a page, so never leaves the RAM region the
 /// device validated the extent against.
-pub fn normalise(extents: impl IntoIterator<Item = Extent>, line: u64) -> Vec<Extent> {
-    let mut out: Vec<Extent> = extents
+pub fn normalise(extents: impl IntoIterator<Item = Extent>, line: u64) -> Extents {
+    let mut out: Extents = extents
         .into_iter()
         .filter(|&(_, len)| len > 0)
         .map(|(addr, len)| {
@@ -20,7 +26,7 @@ pub fn normalise(extents: impl IntoIterator<Item = Extent>, line: u64) -> Vec<Ex
         })
         .collect();
     out.sort_unstable();
-    // Merged in place: one allocation per batch, on every request's path.
+    // Merged in place.
     let mut kept = 0usize;
     for i in 0..out.len() {
         let (start, len) = out[i];
@@ -57,11 +63,8 @@ pub enum PlanError {
 /// region: [`normalise`] merges extents that touch, and two regions may be
 /// adjacent (an embedder's layout, hotplugged memory), yet one host mapping
 /// covers only one region. Any byte outside every region fails the plan.
-pub fn split_at_regions(
-    extents: &[Extent],
-    regions: &[(u64, u64)],
-) -> Result<Vec<Extent>, PlanError> {
-    let mut out = Vec::with_capacity(extents.len());
+pub fn split_at_regions(extents: &[Extent], regions: &[(u64, u64)]) -> Result<Extents, PlanError> {
+    let mut out = Extents::with_capacity(extents.len());
     for &(addr, len) in extents {
         let (mut start, end) = (addr.0, addr.0 + len);
         while start < end {
@@ -133,14 +136,17 @@ mod tests {
 
     #[test]
     fn rounds_out_to_lines_and_merges() {
-        assert_eq!(normalise([g(65, 1)], 64), vec![g(64, 64)]);
-        assert_eq!(normalise([g(60, 8)], 64), vec![g(0, 128)]);
+        assert_eq!(normalise([g(65, 1)], 64).as_slice(), [g(64, 64)]);
+        assert_eq!(normalise([g(60, 8)], 64).as_slice(), [g(0, 128)]);
         assert_eq!(
-            normalise([g(256, 64), g(0, 64), g(64, 1)], 64),
-            vec![g(0, 128), g(256, 64)]
+            normalise([g(256, 64), g(0, 64), g(64, 1)], 64).as_slice(),
+            [g(0, 128), g(256, 64)]
         );
-        assert_eq!(normalise([g(0, 100), g(50, 10)], 64), vec![g(0, 128)]);
-        assert_eq!(normalise([g(0, 0)], 64), vec![]);
+        assert_eq!(
+            normalise([g(0, 100), g(50, 10)], 64).as_slice(),
+            [g(0, 128)]
+        );
+        assert!(normalise([g(0, 0)], 64).is_empty());
     }
 
     #[test]
@@ -148,12 +154,16 @@ mod tests {
         // Two adjacent regions: a merged extent across the edge is cut in two.
         let regions = [(0, 4096), (4096, 4096)];
         assert_eq!(
-            split_at_regions(&[g(4032, 128)], &regions).unwrap(),
-            vec![g(4032, 64), g(4096, 64)]
+            split_at_regions(&[g(4032, 128)], &regions)
+                .unwrap()
+                .as_slice(),
+            [g(4032, 64), g(4096, 64)]
         );
         assert_eq!(
-            split_at_regions(&[g(0, 8192)], &regions).unwrap(),
-            vec![g(0, 4096), g(4096, 4096)]
+            split_at_regions(&[g(0, 8192)], &regions)
+                .unwrap()
+                .as_slice(),
+            [g(0, 4096), g(4096, 4096)]
         );
         // A gap between regions fails the plan, naming the gap.
         let gap = [(0, 4096), (8192, 4096)];

@@ -274,7 +274,7 @@ fn flush<P: VcpuPause + 'static>(
     let answer = Arc::new(Mutex::new(None));
     let (a, j) = (answer.clone(), journal.clone());
     engine.flush(
-        batch,
+        &batch,
         BatchCompletion::new(move |result| {
             note(
                 &j,

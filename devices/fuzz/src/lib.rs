@@ -390,7 +390,7 @@ pub struct CheckingFlusher {
 }
 
 impl FlushBackend for CheckingFlusher {
-    fn flush(&self, batch: FlushBatch, done: BatchCompletion) {
+    fn flush(&self, batch: &FlushBatch, done: BatchCompletion) {
         assert!(!batch.is_empty(), "the flush engine got an empty batch");
         for extent in &batch.extents {
             self.memory

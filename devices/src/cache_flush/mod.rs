@@ -100,14 +100,36 @@ pub struct BatchCompletion {
     answer: Option<Answer>,
 }
 
-/// What answering a batch does (the device writes its status bytes).
-type Answer = Box<dyn FnOnce(Result<(), FlushError>) + Send>;
+/// What answering a batch does.
+enum Answer {
+    /// The device's own answer: writes the batch's status bytes and used
+    /// entries. Held inline, so that a request costs no allocation for it.
+    Device(queue_worker::DeviceAnswer),
+    /// Any other (a test's, another device model's).
+    Other(Box<dyn FnOnce(Result<(), FlushError>) + Send>),
+}
+
+impl Answer {
+    fn give(self, result: Result<(), FlushError>) {
+        match self {
+            Answer::Device(answer) => answer.give(result),
+            Answer::Other(answer) => answer(result),
+        }
+    }
+}
 
 impl BatchCompletion {
     /// A completion that runs `answer` with the batch's outcome.
     pub fn new(answer: impl FnOnce(Result<(), FlushError>) + Send + 'static) -> Self {
         Self {
-            answer: Some(Box::new(answer)),
+            answer: Some(Answer::Other(Box::new(answer))),
+        }
+    }
+
+    /// The device's own completion of a batch it popped.
+    fn for_device(answer: queue_worker::DeviceAnswer) -> Self {
+        Self {
+            answer: Some(Answer::Device(answer)),
         }
     }
 
@@ -115,7 +137,7 @@ impl BatchCompletion {
     /// invalidated while no vCPU ran.
     pub fn complete(mut self, result: Result<(), FlushError>) {
         if let Some(answer) = self.answer.take() {
-            answer(result);
+            answer.give(result);
         }
     }
 }
@@ -124,7 +146,7 @@ impl Drop for BatchCompletion {
     fn drop(&mut self) {
         if let Some(answer) = self.answer.take() {
             log::error!("cache-flush: the flush back end dropped a batch without answering it; answering HOST_ERROR");
-            answer(Err(FlushError {
+            answer.give(Err(FlushError {
                 reason: "the flush back end did not answer the batch".into(),
             }));
         }
@@ -137,7 +159,9 @@ pub trait FlushBackend: Send + Sync {
     /// Pauses every vCPU, writes back and invalidates every cache line of
     /// `batch` on every vCPU's physical core, answers `done` with the outcome
     /// **while every vCPU is still paused**, and only then resumes them.
-    /// May return before answering (an asynchronous back end); `done` is
+    /// May return before answering (an asynchronous back end, which then
+    /// keeps a copy of what it needs: `batch` is lent for the call, so that
+    /// the device can reuse its buffers for the next one); `done` is
     /// answered exactly once either way.
-    fn flush(&self, batch: FlushBatch, done: BatchCompletion);
+    fn flush(&self, batch: &FlushBatch, done: BatchCompletion);
 }

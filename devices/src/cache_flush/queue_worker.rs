@@ -23,12 +23,13 @@
 
 use std::num::Wrapping;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cache_flush_abi::cache_flush::{RequestType, Status};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{error, warn};
+use smallvec::SmallVec;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -67,13 +68,38 @@ struct Inner {
     /// DRIVER_OK, or after a reset): through an ioeventfd they never reach
     /// the transport, so this is where they are noticed.
     idle_notifies: AtomicU64,
+    /// Batches whose buffers the next rounds reuse: a request's path then
+    /// allocates nothing (each allocation is paid cold, after an exit).
+    /// One per round in flight at once; see [`SPARE_BATCHES`].
+    spare_batches: Mutex<Vec<FlushBatch>>,
 }
+
+/// At most this many spare batches are kept (rounds served at once, by
+/// several vCPU threads and the event loop, each take one).
+const SPARE_BATCHES: usize = 4;
+
+/// A spare batch keeps its buffers only up to this many extents: a guest
+/// that once filled every queue with the most segments must not pin that
+/// much host memory for good.
+const SPARE_MAX_EXTENTS: usize = 1024;
 
 /// A valid request waiting for its flush.
 struct Pending {
     queue: u16,
     head: u16,
     status_addr: GuestAddress,
+}
+
+/// The requests of one batch. Most batches hold one request, or one per
+/// vCPU: those fit inline, in the answer itself.
+type PendingList = SmallVec<[Pending; 8]>;
+
+/// Why a pass over the queues served nothing.
+enum NotServing {
+    /// The device is not running (no DRIVER_OK yet, or reset).
+    NotRunning,
+    /// The device waits for a reset (DEVICE_NEEDS_RESET).
+    NeedsReset,
 }
 
 /// What one pass over the queues collected.
@@ -83,7 +109,22 @@ struct Round {
     /// Some queue still had entries when the round took its ring's worth.
     capped: bool,
     batch: FlushBatch,
-    pending: Vec<Pending>,
+    pending: PendingList,
+}
+
+/// The device's answer to one batch (see [`BatchCompletion`]): writes the
+/// status byte and used entry of every request, unless the device was reset
+/// since the batch was popped.
+pub(crate) struct DeviceAnswer {
+    shared: Arc<Shared>,
+    generation: u64,
+    pending: PendingList,
+}
+
+impl DeviceAnswer {
+    pub(crate) fn give(self, result: Result<(), FlushError>) {
+        complete_batch(&self.shared, self.generation, self.pending, result);
+    }
 }
 
 impl QueueWorker {
@@ -93,6 +134,7 @@ impl QueueWorker {
                 shared,
                 flusher,
                 idle_notifies: AtomicU64::new(0),
+                spare_batches: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -119,10 +161,10 @@ impl QueueWorker {
         self.serve_if_running(queue, true);
     }
 
-    /// Serves the queues (see [`Inner::serve`]) unless the device is not
-    /// running, which a notify must not find.
+    /// Serves the queues (see [`Inner::serve`]); a notify that finds the
+    /// device not running is counted and logged.
     fn serve_if_running(&self, queue: u32, trust_notifies: bool) {
-        if self.inner.shared.lock().active.is_none() {
+        if let Served::NotRunning = self.inner.serve(trust_notifies) {
             let n = self.inner.idle_notifies.fetch_add(1, Ordering::Relaxed) + 1;
             CacheFlushMetrics::add(&self.inner.shared.metrics.notifies_while_idle, 1);
             self.inner.shared.log_throttle.warn("notify-while-idle", || {
@@ -130,10 +172,16 @@ impl QueueWorker {
                     "cache-flush: queue {queue} notified while the device is not running (no DRIVER_OK yet, or reset); ignored ({n} so far)"
                 )
             });
-            return;
         }
-        self.inner.serve(trust_notifies);
     }
+}
+
+/// How a serve began.
+enum Served {
+    /// The device was not running when it first looked.
+    NotRunning,
+    /// It looked (and served whatever it found).
+    Looked,
 }
 
 impl Inner {
@@ -158,18 +206,23 @@ impl Inner {
     /// over the queues. The notifying vCPU's own thread serves that way; the
     /// event loop, whose latency matters less, also picks up requests a
     /// driver published without notifying.
-    fn serve(&self, trust_notifies: bool) {
-        for _ in 0..MAX_ROUNDS_PER_EVENT {
-            let Some(round) = self.collect() else {
-                return;
+    fn serve(&self, trust_notifies: bool) -> Served {
+        for round_index in 0..MAX_ROUNDS_PER_EVENT {
+            let round = match self.collect() {
+                Ok(round) => round,
+                Err(NotServing::NotRunning) if round_index == 0 => return Served::NotRunning,
+                // Reset during an earlier round: its requests were answered
+                // (or dropped with the rings); nothing else is owed.
+                Err(NotServing::NotRunning | NotServing::NeedsReset) => return Served::Looked,
             };
             if round.popped == 0 {
-                return;
+                self.recycle(round.batch);
+                return Served::Looked;
             }
             let capped = round.capped;
             self.flush_and_complete(round);
             if trust_notifies && !capped {
-                return;
+                return Served::Looked;
             }
         }
         // Work may remain: come back after the loop's other subscribers.
@@ -178,33 +231,61 @@ impl Inner {
                 error!("cache-flush: cannot re-signal queue 0: {e}");
             }
         }
+        Served::Looked
     }
 
-    /// Step 2: pop and validate everything available, under the lock.
-    /// `None` if the device is not running.
-    fn collect(&self) -> Option<Round> {
+    /// An empty batch with whatever buffers a finished round left.
+    fn spare_batch(&self) -> FlushBatch {
+        let spare = self
+            .spare_batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        spare.unwrap_or_default()
+    }
+
+    /// Keeps `batch`'s buffers for a later round.
+    fn recycle(&self, mut batch: FlushBatch) {
+        if batch.extents.capacity() > SPARE_MAX_EXTENTS {
+            return;
+        }
+        batch.extents.clear();
+        batch.requests.clear();
+        batch.full = false;
+        let mut spares = self.spare_batches.lock().unwrap_or_else(|p| p.into_inner());
+        if spares.len() < SPARE_BATCHES {
+            spares.push(batch);
+        }
+    }
+
+    /// Step 2: pop and validate everything available (possibly nothing),
+    /// under the lock.
+    fn collect(&self) -> Result<Round, NotServing> {
         let shared = &*self.shared;
         let metrics = &*shared.metrics;
-        if shared.needs_reset.load(Ordering::SeqCst) {
-            // Serves nothing until the driver resets the device.
-            return None;
-        }
         let mut state = shared.lock();
         let generation = state.generation;
-        let Active {
+        let Some(Active {
             memory,
             queues,
             interrupt,
             limits,
             full_limiter,
             range_limiter,
-        } = state.active.as_mut()?;
+        }) = state.active.as_mut()
+        else {
+            return Err(NotServing::NotRunning);
+        };
+        if shared.needs_reset.load(Ordering::SeqCst) {
+            // Serves nothing until the driver resets the device.
+            return Err(NotServing::NeedsReset);
+        }
         let mut round = Round {
             generation,
             popped: 0,
             capped: false,
-            batch: FlushBatch::default(),
-            pending: Vec::new(),
+            batch: self.spare_batch(),
+            pending: PendingList::new(),
         };
         let now = Instant::now();
         for (index, queue) in queues.iter_mut().enumerate() {
@@ -306,7 +387,7 @@ impl Inner {
                 notify_driver(queue, memory, interrupt.as_ref(), index);
             }
         }
-        Some(round)
+        Ok(round)
     }
 
     /// Step 3: flush the batch (lock released) and complete it from the
@@ -319,6 +400,7 @@ impl Inner {
             ..
         } = round;
         if pending.is_empty() {
+            self.recycle(batch);
             return;
         }
         let metrics = &self.shared.metrics;
@@ -326,6 +408,7 @@ impl Inner {
             // Only FLUSH_RANGEs without segments: nothing to flush, no reason
             // to pause the VM.
             complete_batch(&self.shared, generation, pending, Ok(()));
+            self.recycle(batch);
             return;
         }
         CacheFlushMetrics::add(&metrics.batches, 1);
@@ -335,11 +418,13 @@ impl Inner {
         // The answer owns what it needs, so the back end may give it from
         // any thread, after `flush` returned; if it is dropped unanswered it
         // answers HOST_ERROR itself.
-        let shared = self.shared.clone();
-        let done = BatchCompletion::new(move |result| {
-            complete_batch(&shared, generation, pending, result)
+        let done = BatchCompletion::for_device(DeviceAnswer {
+            shared: self.shared.clone(),
+            generation,
+            pending,
         });
-        self.flusher.flush(batch, done);
+        self.flusher.flush(&batch, done);
+        self.recycle(batch);
     }
 }
 
@@ -477,7 +562,7 @@ fn notify_driver(
 fn complete_batch(
     shared: &Shared,
     generation: u64,
-    pending: Vec<Pending>,
+    pending: PendingList,
     result: Result<(), FlushError>,
 ) {
     let metrics = &*shared.metrics;

@@ -39,6 +39,7 @@
 //! iterator, whose silent stops at 2^32 bytes would hide the status byte.
 
 use cache_flush_abi::cache_flush::{RequestHeader, RequestType, Status, HEADER_SIZE, SEGMENT_SIZE};
+use smallvec::SmallVec;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -65,12 +66,17 @@ pub struct RequestLimits {
     pub full: bool,
 }
 
+/// The extents of one FLUSH_RANGE. Most requests carry one or two segments,
+/// which fit inline: parsing a request allocates nothing (every allocation
+/// on the request path is paid cold, after an exit).
+pub type RangeExtents = SmallVec<[GuestExtent; 2]>;
+
 /// A valid request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     /// Write back and invalidate these extents (non-empty, each inside one
     /// guest memory region).
-    FlushRange(Vec<GuestExtent>),
+    FlushRange(RangeExtents),
     /// Write back and invalidate every line of guest memory.
     FlushAll,
 }
@@ -379,7 +385,7 @@ impl ParsedChain {
             }
         }
 
-        let readable: Vec<(GuestAddress, u32)> = descriptors
+        let readable: SmallVec<[(GuestAddress, u32); INLINE_DESCRIPTORS]> = descriptors
             .iter()
             .filter(|d| !d.is_write_only() && d.len() > 0)
             .map(|d| (d.addr(), d.len()))
@@ -437,7 +443,7 @@ impl ParsedChain {
 
         // `count` is bounded by max_segments (checked above), so this loop
         // and the vector are bounded by the configuration, not by the guest.
-        let mut extents = Vec::new();
+        let mut extents = RangeExtents::new();
         let mut total: u64 = 0;
         for index in 0..count {
             let (addr, len) = stream.segment()?;
@@ -493,7 +499,7 @@ pub struct ChainStart {
 struct ChainWalk {
     /// The first [`MAX_CHAIN_DESCRIPTORS`] descriptors, in chain order
     /// (indirect descriptors replaced by their tables' entries).
-    descriptors: Vec<Descriptor>,
+    descriptors: SmallVec<[Descriptor; INLINE_DESCRIPTORS]>,
     /// The first byte of the first non-empty writable descriptor.
     status: Option<GuestAddress>,
     /// The chain has more than [`MAX_CHAIN_DESCRIPTORS`] descriptors.
@@ -577,6 +583,11 @@ impl ChainWalk {
         walk
     }
 }
+
+/// Descriptors a chain may have before its walk allocates: a request with
+/// one segment needs three (header, segment, status), or one to three in
+/// all if the driver packs them.
+const INLINE_DESCRIPTORS: usize = 4;
 
 /// Bytes of one split-ring descriptor.
 const DESCRIPTOR_SIZE: u64 = 16;
@@ -759,7 +770,7 @@ mod tests {
             addr: GuestAddress(addr),
             len,
         };
-        let request = Request::FlushRange(vec![extent(0, 10), extent(100, 5)]);
+        let request = Request::FlushRange(smallvec::smallvec![extent(0, 10), extent(100, 5)]);
         assert_eq!(request.bytes(), 15);
         assert_eq!(Request::FlushAll.bytes(), 0);
     }

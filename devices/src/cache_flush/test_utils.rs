@@ -123,8 +123,7 @@ pub struct FlushControl {
 pub struct FakeFlusher(pub Arc<Mutex<FlushControl>>);
 
 impl FlushBackend for FakeFlusher {
-    fn flush(&self, batch: FlushBatch, done: BatchCompletion) {
-        let batch = &batch;
+    fn flush(&self, batch: &FlushBatch, done: BatchCompletion) {
         // Take the hooks out so they may lock the control themselves.
         let (behaviour, mut before, mut after) = {
             let mut control = self.0.lock().unwrap();

@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::queue_worker::MAX_ROUNDS_PER_EVENT;
 use super::test_utils::*;
-use super::{CacheFlushSettings, GuestExtent, MetricsSnapshot};
+use super::{BatchRequest, CacheFlushSettings, FlushBatch, GuestExtent, MetricsSnapshot};
 use crate::bus::BusDevice;
 
 const OK: u8 = Status::Ok as u8;
@@ -1128,6 +1128,34 @@ fn requests_arriving_during_a_flush_are_served() {
 }
 
 #[test]
+fn a_batch_reuses_the_buffers_of_the_last_but_none_of_its_contents() {
+    // The queue worker keeps a finished batch's buffers for the next one: a
+    // request must not inherit the extents, tags or FLUSH_ALL of the last.
+    let mem = test_memory();
+    let mut h = TestHelper::running(&mem, 2);
+    h.add_request(0, range_request(1, &[(0x1000, 64), (0x3000, 128)]));
+    h.add_request(1, full_request(2));
+    h.kick(0);
+    h.add_request(1, range_request(3, &[(0x2000, 64)]));
+    h.kick(1);
+    let calls = h.flush_calls();
+    assert_eq!(calls.len(), 2);
+    assert!(calls[0].full);
+    assert_eq!(calls[0].requests.len(), 2);
+    assert_eq!(
+        calls[1],
+        FlushBatch {
+            extents: vec![GuestExtent {
+                addr: GuestAddress(0x2000),
+                len: 64
+            }],
+            full: false,
+            requests: vec![BatchRequest { queue: 1, tag: 3 }],
+        }
+    );
+}
+
+#[test]
 fn a_notify_served_on_the_vcpu_thread_looks_once_and_later_requests_bring_their_own() {
     let mem = test_memory();
     let mut h = TestHelper::running(&mem, 1);
@@ -1248,7 +1276,7 @@ fn vmm_wiring() {
 
     struct Engine;
     impl FlushBackend for Engine {
-        fn flush(&self, _: FlushBatch, done: BatchCompletion) {
+        fn flush(&self, _: &FlushBatch, done: BatchCompletion) {
             done.complete(Ok(()));
         }
     }
