@@ -18,8 +18,7 @@
 //! Every wait of the controller has a deadline and a named error.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::AtomicUsize;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -173,9 +172,60 @@ pub const ROLE_TIMEOUT: Duration = Duration::from_secs(60);
 struct Wakeup {
     condvar: Condvar,
     waiters: AtomicUsize,
+    /// Bumped by every notify (under the state lock): what a polling waiter
+    /// watches.
+    notifies: AtomicU64,
 }
 
 impl Wakeup {
+    /// Waits for a notify, up to `timeout` if one is given: by polling
+    /// ([`Self::poll`]) the first time in a wait (`*polled` false, and set
+    /// here), blocking after that. Returns the lock and whether a blocking
+    /// wait timed out. The caller re-checks what it waits for either way.
+    fn wait_or_poll<'a>(
+        &self,
+        control: &'a VcpuControl,
+        st: MutexGuard<'a, State>,
+        polled: &mut bool,
+        timeout: Option<Duration>,
+    ) -> (MutexGuard<'a, State>, bool) {
+        if !*polled {
+            *polled = true;
+            let budget = timeout.map_or(control.poll_budget, |t| t.min(control.poll_budget));
+            return (self.poll(control, st, budget), false);
+        }
+        match timeout {
+            Some(timeout) => self.wait_timeout(st, timeout),
+            None => (self.wait(st), false),
+        }
+    }
+
+    /// Releases the lock and polls for a notify for up to `budget`, then
+    /// takes the lock again (whether or not one came).
+    ///
+    /// A blocked thread is woken by a system call and must then be
+    /// scheduled again, on a CPU that may have gone idle meanwhile: that
+    /// costs tens of µs here, as much as the pause it waits for. The
+    /// notifier is another vCPU thread, running on another host CPU, a few
+    /// µs from its notify: polling catches it (KVM's halt polling makes the
+    /// same trade). Only used when every vCPU thread can have a host CPU of
+    /// its own ([`VcpuControl::poll_budget`]); otherwise the poller would
+    /// take the CPU the notifier needs.
+    fn poll<'a>(
+        &self,
+        control: &'a VcpuControl,
+        st: MutexGuard<'a, State>,
+        budget: Duration,
+    ) -> MutexGuard<'a, State> {
+        let seen = self.notifies.load(Ordering::SeqCst);
+        drop(st);
+        let start = Instant::now();
+        while self.notifies.load(Ordering::SeqCst) == seen && start.elapsed() < budget {
+            std::hint::spin_loop();
+        }
+        control.lock()
+    }
+
     fn wait<'a>(&self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let st = self.condvar.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -199,6 +249,7 @@ impl Wakeup {
     }
 
     fn notify_all(&self) {
+        self.notifies.fetch_add(1, Ordering::SeqCst);
         if self.waiters.load(Ordering::SeqCst) > 0 {
             self.condvar.notify_all();
         }
@@ -239,11 +290,25 @@ pub struct VcpuControl {
     in_kvm_run: Vec<AtomicBool>,
     /// The host CPU each vCPU thread last left `KVM_RUN` on (-1: not yet).
     last_host_cpu: Vec<AtomicI32>,
+    /// How long a parked vCPU or a pausing controller polls before it
+    /// blocks (see [`Wakeup::poll`]); zero when there are more vCPUs than
+    /// host CPUs to run them.
+    poll_budget: Duration,
 }
+
+/// How long a waiter polls, when it does: longer than a pause or a resume
+/// takes when every vCPU has a host CPU (~20-40 µs here), and short enough
+/// that a wait which will be long (a flush of many MiB) wastes little.
+pub const POLL_BUDGET: Duration = Duration::from_micros(100);
 
 impl VcpuControl {
     /// A channel for `count` vCPUs.
     pub fn new(count: usize) -> Arc<Self> {
+        Self::with_poll_budget(count, Self::poll_budget(count))
+    }
+
+    /// [`Self::new`], polling for `poll_budget` (see [`Wakeup::poll`]).
+    fn with_poll_budget(count: usize, poll_budget: Duration) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
                 slots: (0..count)
@@ -264,7 +329,21 @@ impl VcpuControl {
             controller_wakeup: Wakeup::default(),
             in_kvm_run: (0..count).map(|_| AtomicBool::new(false)).collect(),
             last_host_cpu: (0..count).map(|_| AtomicI32::new(-1)).collect(),
+            poll_budget,
         })
+    }
+
+    /// [`POLL_BUDGET`] if each of `vcpus` threads can have a host CPU of its
+    /// own (the CPUs this process may run on), else zero: with fewer CPUs
+    /// than vCPUs, a polling thread would hold the CPU that the thread it
+    /// waits for needs.
+    fn poll_budget(vcpus: usize) -> Duration {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if vcpus <= cpus {
+            POLL_BUDGET
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// Number of vCPUs.
@@ -372,6 +451,7 @@ impl VcpuControl {
         let mut st = self.lock();
         st.slots[index].state = state;
         self.controller_wakeup.notify_all();
+        let mut polled = self.poll_budget.is_zero();
         loop {
             // Work first, even when finishing: a controller is waiting for it.
             let (guard, ran) = self.run_posted_work(st, index);
@@ -386,7 +466,7 @@ impl VcpuControl {
                 st.slots[index].state = RunState::Running;
                 return Directive::Run;
             }
-            st = self.vcpu_wakeup.wait(st);
+            st = self.vcpu_wakeup.wait_or_poll(self, st, &mut polled, None).0;
         }
     }
 
@@ -439,6 +519,8 @@ impl VcpuControl {
             let before = st.slots[k].state;
             st.slots[k].state = RunState::Parked;
             self.controller_wakeup.notify_all();
+            // Waits like a parked vCPU (it is one, to the holder).
+            let mut polled = self.poll_budget.is_zero();
             let result = loop {
                 let (guard, ran) = self.run_posted_work(st, k);
                 st = guard;
@@ -454,7 +536,10 @@ impl VcpuControl {
                 let Some(left) = deadline.left() else {
                     break Err(ControlError::RoleTimeout(deadline.timeout));
                 };
-                st = self.vcpu_wakeup.wait_timeout(st, left).0;
+                st = self
+                    .vcpu_wakeup
+                    .wait_or_poll(self, st, &mut polled, Some(left))
+                    .0;
             };
             st.slots[k].state = before;
             result?;
@@ -559,6 +644,7 @@ impl VcpuControl {
             st.slots[i].pause_requested = true;
             Self::kick_locked(&st.slots[i]);
         }
+        let mut polled = self.poll_budget.is_zero();
         loop {
             let running: Vec<usize> = vcpus
                 .iter()
@@ -583,8 +669,12 @@ impl VcpuControl {
                     timeout,
                 });
             };
+            // The vCPUs were just kicked: each is on its way out of guest
+            // mode, on a host CPU of its own if the controller polls.
             let wait = KICK_INTERVAL.min(left);
-            let (guard, timed_out) = self.controller_wakeup.wait_timeout(st, wait);
+            let (guard, timed_out) =
+                self.controller_wakeup
+                    .wait_or_poll(self, st, &mut polled, Some(wait));
             st = guard;
             if timed_out {
                 for &i in &running {
@@ -932,7 +1022,26 @@ mod tests {
 
     #[test]
     fn vcpus_pausing_each_other_from_their_own_threads_neither_deadlock_nor_skip_work() {
-        let control = VcpuControl::new(3);
+        vcpus_pause_each_other(VcpuControl::new(3));
+    }
+
+    #[test]
+    fn waiters_that_poll_end_their_poll_on_a_notify() {
+        // Polling that outlasts the test: every wait must end on a notify,
+        // as a blocking one does, or the pauses never finish.
+        vcpus_pause_each_other(VcpuControl::with_poll_budget(3, Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn vcpus_poll_only_when_each_has_a_host_cpu() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(VcpuControl::new(cpus).poll_budget, POLL_BUDGET);
+        assert_eq!(VcpuControl::new(cpus + 1).poll_budget, Duration::ZERO);
+    }
+
+    /// Three vCPU threads pause each other, 40 times each, and run work on
+    /// the parked ones.
+    fn vcpus_pause_each_other(control: Arc<VcpuControl>) {
         let ran = Arc::new(Mutex::new(Vec::new()));
         let (done, finished) = std::sync::mpsc::channel();
         let pauses = 40;
