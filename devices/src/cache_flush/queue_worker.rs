@@ -91,8 +91,9 @@ struct Pending {
 }
 
 /// The requests of one batch. Most batches hold one request, or one per
-/// vCPU: those fit inline, in the answer itself.
-type PendingList = SmallVec<[Pending; 8]>;
+/// vCPU of a small VM: those fit inline, in the answer itself (which is
+/// moved a few times on its way to the back end and back: kept small).
+type PendingList = SmallVec<[Pending; 4]>;
 
 /// Why a pass over the queues served nothing.
 enum NotServing {
