@@ -14,6 +14,7 @@
 mod chart;
 pub mod guest;
 pub mod host;
+pub mod instructions;
 mod report;
 pub mod stats;
 
@@ -253,6 +254,9 @@ pub struct Samples {
     pub audit_write_per_page: BTreeMap<bool, Vec<f64>>,
     /// Dirty-page audit off/on: the range flush of those pages, ns.
     pub audit_flush: BTreeMap<bool, Vec<f64>>,
+    /// The host's instructions per request (callgrind), or why not counted;
+    /// `None` in a quick run.
+    pub instructions: Option<Result<instructions::InstructionCount, String>>,
 }
 
 /// One throughput run.
@@ -519,6 +523,16 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
                 });
             }
         }
+    }
+    if !options.quick {
+        progress(format_args!(
+            "host instructions per request (valgrind's callgrind, two runs)"
+        ));
+        let counted = instructions::measure(&options.out);
+        if let Err(e) = &counted {
+            progress(format_args!("instructions not counted: {e}"));
+        }
+        s.instructions = Some(counted);
     }
     progress(format_args!(
         "measured in {:.1} s; writing the report",

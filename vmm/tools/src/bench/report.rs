@@ -29,6 +29,9 @@ struct ReportJson {
     targets: Vec<TargetRow>,
     notify_paths: NotifyPathsJson,
     audit: Vec<AuditRow>,
+    /// Host instructions per 64 B request (callgrind); absent in a quick
+    /// run or where valgrind is missing.
+    host_instructions: Option<super::instructions::InstructionCount>,
 }
 
 /// The dirty-page audit's cost, off and on.
@@ -356,9 +359,16 @@ pub fn write(
                     us(med(s.range_host.get(&(1, size))))
                 ),
                 _ => format!(
-                    "the largest part is outside the engine's timed phases; the empty notify costs {:.2}× the floor, so the notify's exit adds {} and the rest is the host's own work for the request, which runs cold after every exit: taking it off the ring and validating it, the engine's bookkeeping around its phases (the flush log record, the statistics) and writing the answer (README, Benchmark, splits it once with rdtsc){}",
+                    "the largest part is outside the engine's timed phases; the empty notify costs {:.2}× the floor, so the notify's exit adds {} and the rest is the host's own work for the request, which runs cold after every exit: taking it off the ring and validating it, the engine's bookkeeping around its phases (the flush log record, the statistics) and writing the answer (README, Benchmark, splits it once with rdtsc){}{}",
                     empty_notify / exit.max(1.0),
                     us((empty_notify - exit).max(0.0)),
+                    match &s.instructions {
+                        Some(Ok(c)) => format!(
+                            " ({:.0} instructions, counted by callgrind: see \"Host instructions per request\")",
+                            c.per_request
+                        ),
+                        _ => String::new(),
+                    },
                     if p10 < 0.5 * d {
                         format!(
                             "; the p10 request took {}, so the median holds waits only some requests see: the requesting vCPU thread waiting for one of {cores} host CPUs (with the other vCPU spinning and the load average above; not measured directly)",
@@ -802,6 +812,10 @@ pub fn write(
                 range_flush_ns: spread(s.audit_flush.get(&audit)),
             })
             .collect(),
+        host_instructions: s
+            .instructions
+            .as_ref()
+            .and_then(|c| c.as_ref().ok().copied()),
     };
     let mut text = serde_json::to_string_pretty(&report)?;
     text.push('\n');
@@ -1097,6 +1111,18 @@ pub fn write(
             ))
         )?;
     }
+    writeln!(
+        w,
+        "\n## Host instructions per request\n\nCounted by valgrind's callgrind inside `QueueWorker::serve_notify` (everything the host does for a request between the notify's exit and the return to the guest), 64 B range flushes on 1 vCPU, the difference of two runs so that start-up drops out; each request is followed by one empty notify, included. Unlike every timing here, this does not move with the CPU or the state of its caches: the timings above are this work run cold after each exit.\n\n{}",
+        match &s.instructions {
+            None => "Not counted in a quick run.".to_string(),
+            Some(Ok(c)) => format!(
+                "**{:.0} instructions per request** (runs of {} and {} requests).",
+                c.per_request, c.reps.0, c.reps.1
+            ),
+            Some(Err(e)) => format!("Not counted: {e}."),
+        }
+    )?;
     writeln!(
         w,
         "\n## Notify paths side by side\n\nMedian device latency of a range flush (and requests/s below) with `--notify vcpu` (the default: served in the notifying vCPU's own exit) and `--notify ioeventfd` (the control loop's thread pauses every vCPU, the requester included).\n\n| vCPUs | size | vcpu | ioeventfd | ioeventfd ÷ vcpu | faster |\n| --- | --- | --- | --- | --- | --- |"
