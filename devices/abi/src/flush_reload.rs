@@ -18,16 +18,11 @@
 //! # Slow, evicted, void
 //!
 //! * A line is **slow** when its load took at least [`Calibration::threshold`]
-//!   TSC cycles: a third of the way from the median first-touch load of
-//!   lines just loaded (`cached`) to that of lines just flushed by the
-//!   prober itself (`flushed`), both measured on the same core with the same
-//!   method before the attempts. A hit in any cache level (L1, L2, the
-//!   shared L3) is far below it; a load from DRAM is above it. Not half-way:
-//!   DRAM latency spreads well below its median (a flushed buffer's lines
-//!   reloaded at a median of 362 cycles where `cached` was 140 and `flushed`
-//!   530, one line of 64 under the half-way mark), while hits stay close to
-//!   theirs; at half-way the host probe failed 4 of 30 runs of a real flush
-//!   with one to six lines "cached", at a third none of 30 did.
+//!   TSC cycles: half-way between the median first-touch load of lines just
+//!   loaded (`cached`) and of lines just flushed by the prober itself
+//!   (`flushed`), both measured on the same core with the same method before
+//!   the attempts. A hit in any cache level (L1, L2, the shared L3) is far
+//!   below it; a load from DRAM is above it.
 //! * Noise is one-sided. An interrupt, a preemption or a TLB miss can make
 //!   a *cached* line slow; nothing makes a line that is not in any cache
 //!   load fast. So a fast line after a flush is a line the flush left (or
@@ -79,7 +74,7 @@ pub struct Calibration {
 }
 
 impl Calibration {
-    /// The slow/fast boundary: a third of the way from `cached` to `flushed`.
+    /// The slow/fast boundary: half-way between `cached` and `flushed`.
     /// `None` when the two are not at least 2x apart: the method cannot tell
     /// a hit from a miss on this core right now, and no attempt may be
     /// judged.
@@ -87,7 +82,7 @@ impl Calibration {
         if self.cached == 0 || self.flushed < 2 * self.cached {
             None
         } else {
-            Some(self.cached + (self.flushed - self.cached) / 3)
+            Some(self.cached + (self.flushed - self.cached) / 2)
         }
     }
 }
@@ -245,19 +240,19 @@ mod tests {
     }
 
     #[test]
-    fn the_threshold_is_a_third_of_the_way_and_needs_a_2x_gap() {
+    fn the_threshold_is_half_way_and_needs_a_2x_gap() {
         let cal = Calibration {
             cached: 40,
             flushed: 340,
         };
-        assert_eq!(cal.threshold(), Some(140));
+        assert_eq!(cal.threshold(), Some(190));
         assert_eq!(
             Calibration {
                 cached: 40,
                 flushed: 80
             }
             .threshold(),
-            Some(53)
+            Some(60)
         );
         assert_eq!(
             Calibration {

@@ -554,11 +554,7 @@ static bool calibrate(struct probe *p)
 		_mm_mfence();
 		reload(p);
 		miss = median_cycles(p);
-		/*
-		 * A third of the way, as cache_flush_abi::flush_reload:
-		 * DRAM latency spreads well below its median.
-		 */
-		p->threshold = hit + (miss - hit) / 3;
+		p->threshold = hit + (miss - hit) / 2;
 		log_info("probe: calibration %u: cached lines reload in a median of %llu cycles, flushed ones in %llu",
 			 attempt, (unsigned long long)hit,
 			 (unsigned long long)miss);

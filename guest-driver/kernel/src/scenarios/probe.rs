@@ -12,9 +12,9 @@
 //! buffer looked cached in 3-4 of 6 runs, one line per page never did.
 //!
 //! The verdict is `cache_flush_abi::flush_reload`'s, shared with the host
-//! probe: a line is slow when its load took at least the threshold a third
-//! of the way from the cached to the flushed (by the guest's own ring-3
-//! CLFLUSH) first-touch medians, measured first; an attempt is *evicted* only when
+//! probe: a line is slow when its load took at least the threshold half-way
+//! between the cached and the flushed (by the guest's own ring-3 CLFLUSH)
+//! first-touch medians, measured first; an attempt is *evicted* only when
 //! every sampled line of the flushed buffer is slow, and *void* when more
 //! than half of its comparison's lines are slow too. The measurements:
 //!

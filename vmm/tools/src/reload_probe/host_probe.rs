@@ -19,9 +19,9 @@
 //!
 //! Every measurement is judged by [`cache_flush_abi::flush_reload`], the
 //! rule the guest's `probe` applies too: the first touch of one line per
-//! page, a line slow at or above the threshold a third of the way from the
-//! cached to the self-flushed latency of this core; an attempt is evicted
-//! only when every sampled line is slow, void when more than half of the
+//! page, a line slow at or above the threshold half-way between the cached
+//! and the self-flushed latency of this core; an attempt is evicted only
+//! when every sampled line is slow, void when more than half of the
 //! comparison's lines are slow too. Attempts are repeated up to
 //! [`HostProbeOptions::attempts`] times: a partial or no eviction decides at
 //! once (it is not retried until one passes), a pass needs

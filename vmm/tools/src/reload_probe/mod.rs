@@ -14,9 +14,9 @@
 //! few misses in a page the CPU's prefetchers fetch the rest of it, which
 //! makes a flushed buffer look partly cached. The lines are judged by
 //! [`cache_flush_abi::flush_reload`], the same rule the guest's `probe`
-//! applies: slow at or above the threshold a third of the way from the
-//! cached to the self-flushed latency ([`ReloadTimer::calibrate`]). Timing
-//! is only meaningful on one core, so the measuring thread pins itself
+//! applies: slow at or above the threshold half-way between the cached and
+//! the self-flushed latency ([`ReloadTimer::calibrate`]). Timing is only
+//! meaningful on one core, so the measuring thread pins itself
 //! ([`PinnedToCurrentCpu`]) for the whole measurement.
 //!
 //! * [`ReloadTimer`] and [`Region`]: the measurement itself.
