@@ -58,7 +58,10 @@ fn retry_inconclusive<T>(what: &str, mut case: impl FnMut() -> (T, bool)) -> T {
 
 /// The end-to-end negative control: with `sham=1` every "flush" the guest
 /// probe measures is a one-line flush elsewhere (the same pause, nothing of
-/// the target flushed), and the probe must say NOT evicted and fail. If the
+/// the target flushed), and the probe must fail, saying the lines were
+/// still cached: NOT evicted, or PARTIAL when noise slowed more than half
+/// of the cached lines (seen once in 12 runs: 34 of 64, median 212 cycles
+/// against a threshold near 190); never an evicted attempt. If the
 /// measurement stopped telling cached from flushed lines, this fails.
 #[test]
 fn probe_fails_when_the_flush_does_not_evict() {
@@ -75,7 +78,10 @@ fn probe_fails_when_the_flush_does_not_evict() {
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("probe: FAILED: after the range flush the sampled lines were still cached"),
+        stdout.contains("probe: FAILED: after the range flush the sampled lines were still cached")
+            || stdout.contains(
+                "probe: FAILED: after the range flush some sampled lines were still cached"
+            ),
         "{}",
         describe(&out)
     );
