@@ -137,11 +137,16 @@ pub struct ShareRecord {
     pub lines: u64,
 }
 
+/// The shares of one flush: one on the inline path, one per worker
+/// otherwise. Up to two are kept inline, so that recording a batch
+/// allocates nothing on the path of most requests.
+pub type Shares = SmallVec<[ShareRecord; 2]>;
+
 /// What the last flush did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlushRecord {
     /// One entry per share.
-    pub shares: Vec<ShareRecord>,
+    pub shares: Shares,
     /// Whether it was a full flush.
     pub full: bool,
     /// Bytes flushed (whole lines).
@@ -234,23 +239,11 @@ impl Percentiles {
 }
 
 impl EngineStats {
-    /// Keeps a successful flush as the last one, and its durations. The
-    /// last record is overwritten in place: no allocation once it exists.
-    fn record(&self, flushed: &Flushed) {
+    /// Keeps a successful flush as the last one, and its durations.
+    fn record(&self, record: FlushRecord) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let PhaseTimes {
-            plan_ns,
-            pause_ns,
-            flush_ns,
-        } = flushed.times;
-        let last = recent.last.get_or_insert_with(FlushRecord::default);
-        last.shares.clear();
-        last.shares.extend_from_slice(&flushed.shares);
-        last.full = flushed.full;
-        last.bytes = flushed.bytes;
-        last.plan_ns = plan_ns;
-        last.pause_ns = pause_ns;
-        last.flush_ns = flush_ns;
+        let (pause_ns, flush_ns) = (record.pause_ns, record.flush_ns);
+        recent.last = Some(record);
         if recent.pause_ns.len() < LATENCY_WINDOW {
             recent.pause_ns.push(pause_ns);
             recent.flush_ns.push(flush_ns);
@@ -278,19 +271,6 @@ impl EngineStats {
         recent.last.clone()
     }
 }
-
-/// What a successful batch did (the engine's own copy of a
-/// [`FlushRecord`], its shares inline).
-struct Flushed {
-    shares: Shares,
-    full: bool,
-    bytes: u64,
-    times: PhaseTimes,
-}
-
-/// The shares of one batch: one on the inline path, one per worker
-/// otherwise.
-type Shares = SmallVec<[ShareRecord; 2]>;
 
 /// The pause-all flush engine, generic over how the VMM pauses its vCPUs
 /// (`P`) and over its guest memory (`AS`: anything vm-memory's
@@ -635,7 +615,7 @@ where
     /// Plans, pauses, runs the hooks and flushes, logs the batch, answers
     /// `done` while still paused, resumes. Every path answers `done` exactly
     /// once and logs one record.
-    fn run(&self, batch: &FlushBatch, done: BatchCompletion) -> Result<Flushed, EngineError> {
+    fn run(&self, batch: &FlushBatch, done: BatchCompletion) -> Result<FlushRecord, EngineError> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let start = Instant::now();
         let memory = self.memory.memory();
@@ -747,11 +727,13 @@ where
         drop(pause);
         self.observe(FlushPhase::Resumed);
         let (shares, bytes) = result?;
-        Ok(Flushed {
+        Ok(FlushRecord {
             shares,
-            full: batch.full,
             bytes,
-            times,
+            full: batch.full,
+            plan_ns,
+            pause_ns,
+            flush_ns,
         })
     }
 
@@ -960,26 +942,26 @@ where
             self.stats.full_flushes.fetch_add(1, Ordering::Relaxed);
         }
         match self.run(batch, done) {
-            Ok(flushed) => {
-                let lines: u64 = flushed.shares.iter().map(|s| s.lines).sum();
+            Ok(record) => {
+                let lines: u64 = record.shares.iter().map(|s| s.lines).sum();
                 self.stats.lines.fetch_add(lines, Ordering::Relaxed);
-                self.stats.bytes.fetch_add(flushed.bytes, Ordering::Relaxed);
+                self.stats.bytes.fetch_add(record.bytes, Ordering::Relaxed);
                 self.stats
                     .pause_ns
-                    .fetch_add(flushed.times.pause_ns, Ordering::Relaxed);
+                    .fetch_add(record.pause_ns, Ordering::Relaxed);
                 self.stats
                     .flush_ns
-                    .fetch_add(flushed.times.flush_ns, Ordering::Relaxed);
-                self.stats.record(&flushed);
+                    .fetch_add(record.flush_ns, Ordering::Relaxed);
                 log::debug!(
                     "flushed {} bytes ({} lines, full: {}) in {} shares; pause {} µs, flush {} µs",
-                    flushed.bytes,
+                    record.bytes,
                     lines,
-                    flushed.full,
-                    flushed.shares.len(),
-                    flushed.times.pause_ns / 1000,
-                    flushed.times.flush_ns / 1000
+                    record.full,
+                    record.shares.len(),
+                    record.pause_ns / 1000,
+                    record.flush_ns / 1000
                 );
+                self.stats.record(record);
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);

@@ -30,7 +30,7 @@ mod test_support;
 pub use cache_ops::{CacheOps, FlushInstruction, HostRange, LineFlush};
 pub use engine::{
     current_cpu, full_flush_estimate, EngineConfig, EngineError, EngineStats, EstimateSink,
-    FlushEngine, FlushObserver, FlushPhase, FlushRecord, Percentiles, ShareRecord,
+    FlushEngine, FlushObserver, FlushPhase, FlushRecord, Percentiles, ShareRecord, Shares,
     DEFAULT_INLINE_MAX_BYTES, LATENCY_WINDOW, PAUSE_TIMEOUT,
 };
 pub use flush_log::{BatchOutcome, FlushLog, FlushLogRecord, PhaseTimes};
