@@ -35,4 +35,4 @@ pub use engine::{
 };
 pub use flush_log::{BatchOutcome, FlushLog, FlushLogRecord, PhaseTimes};
 pub use hooks::{HookFilter, HookId, PauseHook, PausedBatch};
-pub use pause::{PauseError, PausedVcpus, VcpuPause, WorkFn, Worker};
+pub use pause::{host_cpus, PauseError, PausedVcpus, VcpuPause, WorkFn, Worker};

@@ -88,12 +88,18 @@ pub trait VcpuPause: Send + Sync {
     }
 }
 
+/// The host CPUs this process may run on (its affinity and CPU quota), at
+/// least 1.
+pub fn host_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Every vCPU stopped; dropping the value resumes them.
 pub trait PausedVcpus {
     /// How many workers [`Self::run_on_vcpus`] runs work on. The default:
     /// one host thread per host CPU.
     fn worker_count(&self) -> usize {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        host_cpus()
     }
 
     /// The vCPU whose thread took this pause (a VMM that serves a notify on

@@ -209,7 +209,7 @@ impl Wakeup {
     /// notifier is another vCPU thread, running on another host CPU, a few
     /// µs from its notify: polling catches it (KVM's halt polling makes the
     /// same trade). Only used when every vCPU thread can have a host CPU of
-    /// its own ([`VcpuControl::poll_budget`]); otherwise the poller would
+    /// its own ([`VcpuControl::poll_budget_for`]); otherwise the poller would
     /// take the CPU the notifier needs.
     fn poll<'a>(
         &self,
@@ -304,7 +304,7 @@ pub const POLL_BUDGET: Duration = Duration::from_micros(100);
 impl VcpuControl {
     /// A channel for `count` vCPUs.
     pub fn new(count: usize) -> Arc<Self> {
-        Self::with_poll_budget(count, Self::poll_budget(count))
+        Self::with_poll_budget(count, Self::poll_budget_for(count))
     }
 
     /// [`Self::new`], polling for `poll_budget` (see [`Wakeup::poll`]).
@@ -337,9 +337,8 @@ impl VcpuControl {
     /// own (the CPUs this process may run on), else zero: with fewer CPUs
     /// than vCPUs, a polling thread would hold the CPU that the thread it
     /// waits for needs.
-    fn poll_budget(vcpus: usize) -> Duration {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if vcpus <= cpus {
+    fn poll_budget_for(vcpus: usize) -> Duration {
+        if vcpus <= flush_engine::host_cpus() {
             POLL_BUDGET
         } else {
             Duration::ZERO
@@ -1034,7 +1033,7 @@ mod tests {
 
     #[test]
     fn vcpus_poll_only_when_each_has_a_host_cpu() {
-        let cpus = std::thread::available_parallelism().unwrap().get();
+        let cpus = flush_engine::host_cpus();
         assert_eq!(VcpuControl::new(cpus).poll_budget, POLL_BUDGET);
         assert_eq!(VcpuControl::new(cpus + 1).poll_budget, Duration::ZERO);
     }

@@ -142,9 +142,7 @@ pub fn involuntary_switches() -> u64 {
 }
 
 /// Host CPUs this process may run on (the cores a split flush can use).
-pub fn host_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
+pub use vmm::flush_engine::host_cpus;
 
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
 
