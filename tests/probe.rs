@@ -30,14 +30,15 @@ use common::{describe, run_vmm};
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Attempts per measurement before a run is inconclusive: a bound on
-/// retrying noise only (a partial or no eviction fails at once).
+/// retrying noise only (no eviction, or a second partial one, fails at
+/// once).
 const ATTEMPTS: u32 = 30;
 
 /// VM runs per case when a run ends inconclusive (every attempt void). The
 /// voids come in streaks tied to where the host placed the threads of one
 /// run, so a fresh VM is the useful retry. Only inconclusive runs are
 /// retried: a run whose deciding attempt saw a partial or no eviction
-/// fails at once. Five, because with the 2 CPUs shared by other builds
+/// fails. Five, because with the 2 CPUs shared by other builds
 /// (load average 13) `host-probe` on 2 vCPUs was inconclusive in 6 of 8
 /// runs of 10 attempts; retrying noise never loosens the verdict.
 const RUNS: u32 = 5;

@@ -23,13 +23,19 @@
 //!   (`flushed`), both measured on the same core with the same method before
 //!   the attempts. A hit in any cache level (L1, L2, the shared L3) is far
 //!   below it; a load from DRAM is above it.
-//! * Noise is one-sided. An interrupt, a preemption or a TLB miss can make
-//!   a *cached* line slow; nothing makes a line that is not in any cache
-//!   load fast. So a fast line after a flush is a line the flush left (or
-//!   something brought back): an attempt is [`Attempt::Evicted`] only when
-//!   **every** sampled line of the flushed buffer is slow; with some fast
-//!   lines it is [`Attempt::Partial`], with at most half slow
-//!   [`Attempt::NotEvicted`].
+//! * Noise is mostly one-sided. An interrupt, a preemption or a TLB miss
+//!   can make a *cached* line slow; a line that is not in any cache loads
+//!   fast only if something brought it back before it was timed. So an
+//!   attempt is [`Attempt::Evicted`] only when **every** sampled line of the
+//!   flushed buffer is slow; with some fast lines it is
+//!   [`Attempt::Partial`], with at most half slow [`Attempt::NotEvicted`].
+//!   Something does bring lines back now and then: on the project's Intel
+//!   host a real flush's attempt showed 63 of 64 lines slow 4 times in
+//!   some 2,000 attempts (80 runs of the host probe's tests; each failed
+//!   its run while one partial attempt decided), and single lines of a flushed buffer
+//!   reloaded at 88-180 cycles, cache-hit times, where the rest took 300-600
+//!   (the hardware prefetchers are the likely cause; nothing in the probe
+//!   touches those lines).
 //! * Every attempt has a **comparison**: a buffer warmed alike that went
 //!   through the same pause (or exit) without being flushed. When more than
 //!   half of its lines are slow, the pause itself evicted them (the vCPU or
@@ -41,10 +47,14 @@
 //! # A series of attempts
 //!
 //! [`Series`]: void attempts are repeated, a bounded number of times. An
-//! attempt that is not void and shows a partial or no eviction **decides at
-//! once**: the probe fails, and is not retried until an attempt happens to
-//! pass. A pass needs [`CONFIRMATIONS`] attempts that show every line
-//! evicted. The asymmetry follows the noise. A real flush makes every
+//! attempt that shows no eviction **decides at once**: the probe fails. So
+//! does the **second** partial attempt of a series: one partial attempt is
+//! measured again ([`PARTIALS_TOLERATED`]), because a line brought back by
+//! the hardware makes one now and then, and two in one series are as rare
+//! as that event squared; a flush that leaves lines cached makes every
+//! attempt partial or not evicted, and a series that saw a partial attempt
+//! and ran out of attempts is [`Outcome::Partial`], never a pass. A pass
+//! needs [`CONFIRMATIONS`] attempts that show every line evicted. The asymmetry follows the noise. A real flush makes every
 //! non-void attempt show 64 of 64 lines slow, so confirming costs it
 //! nothing. A flush that does nothing can pass only if noise slows every
 //! sampled line of the flushed buffer while its comparison stays cached.
@@ -58,6 +68,10 @@
 /// Attempts showing every line evicted that a pass needs (see
 /// [`Series`]).
 pub const CONFIRMATIONS: u32 = 3;
+
+/// Partial attempts a series measures again before one decides (see
+/// [`Series`]).
+pub const PARTIALS_TOLERATED: u32 = 1;
 
 /// Lines of each 4 KiB page a reload times: one (see the module
 /// documentation).
@@ -167,6 +181,7 @@ pub struct Series {
     confirmations: u32,
     attempts: u32,
     evicted: u32,
+    partial: u32,
 }
 
 impl Series {
@@ -184,6 +199,7 @@ impl Series {
             confirmations: if confirmations == 0 { 1 } else { confirmations },
             attempts: 0,
             evicted: 0,
+            partial: 0,
         }
     }
 
@@ -197,14 +213,26 @@ impl Series {
         self.evicted
     }
 
+    /// Partial attempts recorded so far.
+    pub const fn partial(&self) -> u32 {
+        self.partial
+    }
+
     /// Records the next attempt; `Some` once the series is decided: at the
-    /// first partial or not-evicted attempt, at the `confirmations`-th
-    /// evicted one, or [`Outcome::Inconclusive`] when `max_attempts` are
-    /// used up before either. Callers stop at the first `Some`.
+    /// first not-evicted attempt, at the partial attempt after
+    /// [`PARTIALS_TOLERATED`] of them, at the `confirmations`-th evicted
+    /// one. When `max_attempts` are used up before any of these, it is
+    /// [`Outcome::Partial`] if an attempt was partial and
+    /// [`Outcome::Inconclusive`] if not. Callers stop at the first `Some`.
     pub fn record(&mut self, attempt: Attempt) -> Option<Outcome> {
         self.attempts += 1;
         match attempt {
-            Attempt::Partial => return Some(Outcome::Partial),
+            Attempt::Partial => {
+                self.partial += 1;
+                if self.partial > PARTIALS_TOLERATED {
+                    return Some(Outcome::Partial);
+                }
+            }
             Attempt::NotEvicted => return Some(Outcome::NotEvicted),
             Attempt::Evicted => {
                 self.evicted += 1;
@@ -215,7 +243,11 @@ impl Series {
             Attempt::Void => {}
         }
         if self.attempts >= self.max_attempts {
-            Some(Outcome::Inconclusive)
+            Some(if self.partial > 0 {
+                Outcome::Partial
+            } else {
+                Outcome::Inconclusive
+            })
         } else {
             None
         }
@@ -314,13 +346,30 @@ mod tests {
     }
 
     #[test]
-    fn the_first_attempt_that_is_not_void_decides() {
+    fn no_eviction_decides_at_once_and_a_second_partial_attempt_does() {
         use Attempt::*;
-        // A partial eviction is not retried into a pass.
-        assert_eq!(run(10, &[Partial, Evicted]), Some(Outcome::Partial));
+        assert_eq!(PARTIALS_TOLERATED, 1);
         assert_eq!(run(10, &[NotEvicted, Evicted]), Some(Outcome::NotEvicted));
+        assert_eq!(run(10, &[Partial, NotEvicted]), Some(Outcome::NotEvicted));
         assert_eq!(run(10, &[Void, Void, Evicted]), Some(Outcome::Evicted));
-        assert_eq!(run(10, &[Void, Partial, Evicted]), Some(Outcome::Partial));
+        // One partial attempt is measured again; the second decides, however
+        // many evicted or void attempts lie between.
+        assert_eq!(run(10, &[Partial, Evicted]), Some(Outcome::Evicted));
+        assert_eq!(
+            run(10, &[Partial, Partial, Evicted]),
+            Some(Outcome::Partial)
+        );
+        assert_eq!(
+            run_confirmed(10, 3, &[Partial, Evicted, Void, Evicted, Partial, Evicted]),
+            Some(Outcome::Partial)
+        );
+        // Running out of attempts after a partial one is partial, not
+        // inconclusive: lines were seen cached and never confirmed gone.
+        assert_eq!(run(3, &[Void, Partial, Void]), Some(Outcome::Partial));
+        assert_eq!(
+            run_confirmed(3, 3, &[Evicted, Partial, Evicted]),
+            Some(Outcome::Partial)
+        );
         // The bound: the third void attempt of three ends the series.
         assert_eq!(
             run(3, &[Void, Void, Void, Evicted]),
@@ -341,10 +390,17 @@ mod tests {
         assert_eq!(series.record(Evicted), None);
         assert_eq!(series.record(Evicted), Some(Outcome::Evicted));
         assert_eq!((series.attempts(), series.evicted()), (4, 3));
-        // A partial attempt after evicted ones still fails: one noisy pass
-        // does not buy the flush a partial eviction.
+        // One partial attempt among evicted ones is measured again, a
+        // second fails: evicted attempts do not buy the flush a partial
+        // eviction.
+        let mut series = Series::new(10);
+        for attempt in [Evicted, Partial, Evicted] {
+            assert_eq!(series.record(attempt), None);
+        }
+        assert_eq!(series.partial(), 1);
+        assert_eq!(series.record(Evicted), Some(Outcome::Evicted));
         assert_eq!(
-            run_confirmed(10, 3, &[Evicted, Evicted, Partial, Evicted]),
+            run_confirmed(10, 3, &[Evicted, Partial, Evicted, Partial]),
             Some(Outcome::Partial)
         );
         assert_eq!(

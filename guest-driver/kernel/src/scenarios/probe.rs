@@ -28,9 +28,11 @@
 //!   assigned), against the target after a no-op exit (a device register
 //!   read).
 //!
-//! Attempts are repeated, up to `attempts=N` (default 10): the first partial
-//! or not-evicted attempt fails the scenario at once (it is not retried
-//! until one passes), and a pass needs `CONFIRMATIONS` (3) evicted
+//! Attempts are repeated, up to `attempts=N` (default 10): the first
+//! not-evicted attempt fails the scenario at once, and so does the second
+//! partial one (one is measured again: the hardware brings a line back now
+//! and then; see `cache_flush_abi::flush_reload`), and a pass needs
+//! `CONFIRMATIONS` (3) evicted
 //! attempts, so noise that happens to slow every sampled line once cannot
 //! pass a flush that does nothing. Every attempt prints how many sampled
 //! lines were slow. A run that uses up its attempts before either ends
