@@ -604,8 +604,11 @@ where
             // One extent per run of resident pages of one region.
             return Ok(Extents::from_vec(resident::resident_extents(memory)?));
         }
-        let regions: SmallVec<[(u64, u64); 8]> =
-            memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        // Pushed, not collected: see `plan::normalise`.
+        let mut regions: SmallVec<[(u64, u64); 8]> = SmallVec::new();
+        for region in memory.iter() {
+            regions.push((region.start_addr().0, region.len()));
+        }
         Ok(plan::split_at_regions(
             &plan::normalise(batch.extents.iter().map(|e| (e.addr, e.len)), self.line),
             &regions,
@@ -788,7 +791,10 @@ where
         }
         let share_count = records.len();
         let missing_shares = records.iter().filter(|r| r.is_none()).count();
-        let shares: Shares = records.into_iter().flatten().collect();
+        let mut shares = Shares::new();
+        for record in records.into_iter().flatten() {
+            shares.push(record);
+        }
         let flushed: u64 = shares.iter().map(|s| s.lines).sum();
         if flushed != planned_lines || missing_shares > 0 {
             return Err(EngineError::Incomplete {

@@ -24,6 +24,7 @@ use vm_memory::GuestAddress;
 pub mod device;
 #[cfg(test)]
 mod fuzz_regressions;
+mod guest_bytes;
 pub mod metrics;
 pub mod queue_worker;
 mod rate_limit;

@@ -31,7 +31,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{error, warn};
 use smallvec::SmallVec;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::device::{Active, Shared};
 use super::metrics::CacheFlushMetrics;
@@ -107,8 +107,6 @@ enum NotServing {
 struct Round {
     generation: u64,
     popped: usize,
-    /// Some queue still had entries when the round took its ring's worth.
-    capped: bool,
     batch: FlushBatch,
     pending: PendingList,
 }
@@ -147,10 +145,8 @@ impl QueueWorker {
 
     /// Serves a notify now, on the calling thread: pops, flushes and
     /// completes everything available on every queue when it looks, as one
-    /// batch (more only while a queue held more than a ring's worth, up to
-    /// [`MAX_ROUNDS_PER_EVENT`] batches; the rest is signalled for the
-    /// event loop). A request made available after the look is served by
-    /// its own notify. For a VMM that handles QueueNotify on the notifying
+    /// batch. A request made available after the look is served by its own
+    /// notify. For a VMM that handles QueueNotify on the notifying
     /// vCPU's thread: call it after the MMIO exit is dispatched, with no
     /// device or bus lock held, so that the requester finds its request
     /// completed when its notify returns (and tell the transport not to
@@ -200,11 +196,11 @@ impl Inner {
 
     /// Serves the queues until they are empty or the round budget is spent.
     ///
-    /// With `trust_notifies`, a round that emptied every queue ends it: a
-    /// request made after the round looked comes with a notify of its own
-    /// (the device never suppresses notifications), which starts another
-    /// serve, so looking again would only cost every request a second pass
-    /// over the queues. The notifying vCPU's own thread serves that way; the
+    /// With `trust_notifies`, one round ends it: a round takes everything
+    /// available when it looks, and a request made after that comes with a
+    /// notify of its own (the device never suppresses notifications), which
+    /// starts another serve, so looking again would only cost every request
+    /// a second pass over the queues. The notifying vCPU's own thread serves that way; the
     /// event loop, whose latency matters less, also picks up requests a
     /// driver published without notifying.
     fn serve(&self, trust_notifies: bool) -> Served {
@@ -220,9 +216,8 @@ impl Inner {
                 self.recycle(round.batch);
                 return Served::Looked;
             }
-            let capped = round.capped;
             self.flush_and_complete(round);
-            if trust_notifies && !capped {
+            if trust_notifies {
                 return Served::Looked;
             }
         }
@@ -284,7 +279,6 @@ impl Inner {
         let mut round = Round {
             generation,
             popped: 0,
-            capped: false,
             batch: self.spare_batch(),
             pending: PendingList::new(),
         };
@@ -300,7 +294,7 @@ impl Inner {
             // ERROR line per pop when the index ran away (the guest could
             // write them at will) and would leave the queue stalled without
             // telling the driver.
-            if avail_index_ran_away(queue, memory) {
+            let Some(available) = entries_available(queue, memory) else {
                 CacheFlushMetrics::add(&metrics.avail_index_jumps, 1);
                 shared.log_throttle.warn("avail-index-jump", || {
                     format!(
@@ -313,13 +307,12 @@ impl Inner {
                 // Requests already taken from other queues are still
                 // flushed and answered.
                 break;
-            }
-            // At most one ring's worth per round, so a guest refilling the
-            // ring as fast as we pop cannot keep us here.
-            let mut emptied = false;
-            for _ in 0..queue.size() {
+            };
+            // What was there when the round looked, at most a ring's worth:
+            // a guest refilling the ring as fast as we pop cannot keep us
+            // here, and no pop is spent finding the ring empty.
+            for _ in 0..available {
                 let Some(chain) = queue.pop_descriptor_chain(&*memory) else {
-                    emptied = true;
                     break;
                 };
                 let head = chain.head_index();
@@ -383,7 +376,6 @@ impl Inner {
                     }
                 }
             }
-            round.capped |= !emptied;
             if used_added {
                 notify_driver(queue, memory, interrupt.as_ref(), index);
             }
@@ -429,14 +421,14 @@ impl Inner {
     }
 }
 
-/// True when the driver's available index is more than a ring's worth
-/// ahead of the device's: the ring cannot hold that many new entries, so the
-/// index is corrupt. An unreadable index counts as corrupt too.
-fn avail_index_ran_away(queue: &Queue, memory: &GuestMemoryMmap) -> bool {
-    match queue.avail_idx(memory, Ordering::Acquire) {
-        Ok(avail) => (avail - Wrapping(queue.next_avail())).0 > queue.size(),
-        Err(_) => true,
-    }
+/// How many entries the driver has made available beyond the device's
+/// position; `None` when that is more than a ring's worth (the ring cannot
+/// hold that many new entries, so the index is corrupt) or the index is
+/// unreadable.
+fn entries_available(queue: &Queue, memory: &GuestMemoryMmap) -> Option<u16> {
+    let avail = queue.avail_idx(memory, Ordering::Acquire).ok()?;
+    let available = (avail - Wrapping(queue.next_avail())).0;
+    (available <= queue.size()).then_some(available)
 }
 
 /// Applies the rate limits to a valid request. A FLUSH_ALL joining a batch
@@ -529,7 +521,7 @@ fn write_status(
     queue: u16,
     head: u16,
 ) {
-    if let Err(e) = memory.write_obj(status as u8, addr) {
+    if let Err(e) = super::guest_bytes::write(memory, &[status as u8], addr) {
         // Parsing checked the address; only a shrunk memory map gets here.
         warn!("cache-flush: cannot write status of queue {queue} head {head} at {addr:#x?}: {e}");
     }
