@@ -117,13 +117,17 @@ impl FlushLog {
     /// that logging a batch allocates nothing on every request's path.
     pub(crate) fn push_with(&self, fill: impl FnOnce(&mut FlushLogRecord)) {
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        let mut record = if ring.records.len() >= ring.capacity {
+        if ring.records.len() >= ring.capacity {
+            // The oldest record becomes the newest, overwritten where it
+            // lies: no record is moved out of the ring and back.
             ring.dropped += 1;
-            ring.records.pop_front()
-        } else {
-            None
+            ring.records.rotate_left(1);
+            if let Some(record) = ring.records.back_mut() {
+                fill(record);
+                return;
+            }
         }
-        .unwrap_or_else(|| FlushLogRecord {
+        let mut record = FlushLogRecord {
             seq: 0,
             answered_at_ns: 0,
             full: false,
@@ -134,7 +138,7 @@ impl FlushLog {
             outcome: BatchOutcome::Ok,
             bytes: 0,
             times: PhaseTimes::default(),
-        });
+        };
         fill(&mut record);
         ring.records.push_back(record);
     }
