@@ -10,8 +10,11 @@
 //!   MagicValue), one notify of the vCPU's queue with nothing in it (an
 //!   exit down the notify path that finds no work), one range flush through
 //!   the device and the guest's own ring-3 CLFLUSHOPT loop over the same
-//!   freshly dirtied bytes. One line
-//!   `bench: range size=S floor=F notify=N dev=D guest=G` each.
+//!   freshly dirtied bytes, and one more no-op exit right after dirtying
+//!   the bytes again (the exit a request of that size pays: with the caches
+//!   full of dirty lines it costs more than the floor). One line
+//!   `bench: range size=S floor=F notify=N dev=D guest=G dirty_exit=E`
+//!   each.
 //! * `part=full touch=BYTES reps=N`: vCPU 0 dirties `touch` bytes of scratch
 //!   RAM (making them resident), then `reps` times re-dirties them and makes
 //!   one full flush: `bench: full touch=T floor=F dev=D`.
@@ -136,8 +139,14 @@ fn range(env: &Env, flush: &Flush) -> Outcome {
             // for the request (the floor before it warms the exit path as
             // before).
             let notify = timed(|| flush.empty_notify()).1;
+            // The exit a request of this size pays: taken with the caches
+            // full of the lines just dirtied. Flushed again afterwards, so
+            // the next size starts from the state a request leaves.
+            dirty(buffer, size, rep as u8);
+            let dirty_exit = timed(|| flush.noop_exit()).1;
+            clflushopt_range(buffer, size, line);
             crate::println!(
-                "bench: range size={size} floor={floor} notify={notify} dev={dev} guest={guest}"
+                "bench: range size={size} floor={floor} notify={notify} dev={dev} guest={guest} dirty_exit={dirty_exit}"
             );
         }
     }

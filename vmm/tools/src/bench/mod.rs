@@ -225,6 +225,9 @@ pub struct Samples {
     pub range_dev: BTreeMap<(Notify, u32, u64), Vec<f64>>,
     /// Guest ring-3 CLFLUSHOPT per (notify path, vCPUs, size).
     pub range_guest: BTreeMap<(Notify, u32, u64), Vec<f64>>,
+    /// A no-op exit taken right after the guest dirtied `size` bytes (the
+    /// exit a request of that size pays) per (notify path, vCPUs, size).
+    pub range_dirty_exit: BTreeMap<(Notify, u32, u64), Vec<f64>>,
     /// Host CLFLUSHOPT per (host threads, size).
     pub range_host: BTreeMap<(usize, u64), Vec<f64>>,
     /// Engine phases of range flushes per (notify path, vCPUs, size).
@@ -342,6 +345,10 @@ pub fn run(options: &BenchOptions) -> Result<String, Box<dyn std::error::Error>>
                         .entry((path, vcpus, size))
                         .or_default()
                         .push(l.get("guest") as f64 * ns);
+                    s.range_dirty_exit
+                        .entry((path, vcpus, size))
+                        .or_default()
+                        .push(l.get("dirty_exit") as f64 * ns);
                 }
                 for f in run.flushes.iter().filter(|f| !f.full) {
                     s.range_phases
