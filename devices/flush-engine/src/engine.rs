@@ -682,7 +682,7 @@ where
         self.observe(FlushPhase::Paused);
         let result = self
             .run_hooks(&hooks, HookPoint::BeforeFlush, &paused_batch, &memory)
-            .and_then(|()| self.flush_paused(&pause, memory.clone(), &extents));
+            .and_then(|()| self.flush_paused(&pause, &memory, &extents));
         let flushed = monotonic_ns();
         let result = result.and_then(|flushed| {
             self.observe(FlushPhase::Flushed);
@@ -758,7 +758,7 @@ where
     fn flush_paused(
         &self,
         pause: &P::Paused<'_>,
-        memory: AS::T,
+        memory: &AS::T,
         extents: &[Extent],
     ) -> Result<(Shares, u64), EngineError> {
         let bytes: u64 = extents.iter().map(|e| e.1).sum();
@@ -776,16 +776,23 @@ where
             // thread has ended while the guest shuts down): do the work
             // here, with nothing handed to another thread (this is the path
             // of most requests; the answer is still owed to the driver).
-            self.flush_here(pause.controller_vcpu(), &*memory, extents)
+            self.flush_here(pause.controller_vcpu(), &**memory, extents)
         } else {
-            self.flush_on_workers(pause, memory, extents, workers, bytes)
+            // The workers' closure owns its snapshot of the memory map.
+            self.flush_on_workers(pause, memory.clone(), extents, workers, bytes)
         };
-        self.stats
-            .vcpus_running_during_flush
-            .fetch_add(in_guest, Ordering::Relaxed);
-        self.stats
-            .share_panics
-            .fetch_add(panicked, Ordering::Relaxed);
+        // Counted only when there is something to count: every locked
+        // add is paid cold on every request.
+        if in_guest > 0 {
+            self.stats
+                .vcpus_running_during_flush
+                .fetch_add(in_guest, Ordering::Relaxed);
+        }
+        if panicked > 0 {
+            self.stats
+                .share_panics
+                .fetch_add(panicked, Ordering::Relaxed);
+        }
         work_result.map_err(EngineError::Work)?;
         if in_guest > 0 {
             return Err(EngineError::PauseBroken(in_guest));

@@ -153,6 +153,15 @@ thread_local! {
     /// On a vCPU thread: (its control channel's address, its index).
     static CURRENT_VCPU: std::cell::Cell<Option<(usize, usize)>> =
         const { std::cell::Cell::new(None) };
+    /// This thread's id, looked up once: `thread::current()` clones (and
+    /// drops) a reference-counted handle, two locked operations on every
+    /// pause.
+    static THREAD_ID: std::thread::ThreadId = std::thread::current().id();
+}
+
+/// The calling thread's id.
+fn current_thread_id() -> std::thread::ThreadId {
+    THREAD_ID.with(|id| *id)
 }
 
 /// How long a vCPU waits for the controller role while another controller's
@@ -506,7 +515,7 @@ impl VcpuControl {
         mut st: MutexGuard<'a, State>,
         deadline: &mut Deadline,
     ) -> Result<MutexGuard<'a, State>, ControlError> {
-        let me = std::thread::current().id();
+        let me = current_thread_id();
         let vcpu = self.calling_vcpu();
         if let Some(holder) = st.role.as_mut().filter(|h| h.thread == me) {
             holder.depth += 1;
@@ -725,7 +734,7 @@ impl VcpuControl {
         // A caller that holds a pause itself would nest: it gets every live
         // vCPU back as "stuck" instead (finishing under one's own pause
         // would take the workers the pause is using).
-        let me = std::thread::current().id();
+        let me = current_thread_id();
         if st.role.as_ref().is_some_and(|h| h.thread == me) {
             return (0..st.slots.len())
                 .filter(|&i| st.slots[i].state != RunState::Exited)
