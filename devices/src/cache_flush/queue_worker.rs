@@ -200,9 +200,9 @@ impl Inner {
     /// available when it looks, and a request made after that comes with a
     /// notify of its own (the device never suppresses notifications), which
     /// starts another serve, so looking again would only cost every request
-    /// a second pass over the queues. The notifying vCPU's own thread serves that way; the
-    /// event loop, whose latency matters less, also picks up requests a
-    /// driver published without notifying.
+    /// a second pass over the queues. The notifying vCPU's own thread serves
+    /// that way; the event loop, whose latency matters less, also picks up
+    /// requests a driver published without notifying.
     fn serve(&self, trust_notifies: bool) -> Served {
         for round_index in 0..MAX_ROUNDS_PER_EVENT {
             let round = match self.collect() {
