@@ -39,7 +39,7 @@ impl FlushInstruction {
     }
 }
 
-/// The size of the line CLFLUSH acts on (CPUID.1:EBX[15:8] × 8), 64 if the
+/// The size of the line CLFLUSH acts on (CPUID.1:EBX bits 15-8, × 8), 64 if the
 /// CPU does not say.
 pub fn cache_line_size() -> usize {
     let leaf1 = std::arch::x86_64::__cpuid(1);

@@ -618,8 +618,9 @@ impl VcpuControl {
     /// Called from a vCPU thread (a vCPU serving its own notify), that vCPU
     /// is not waited for: it is out of `KVM_RUN`, handling the exit; it
     /// counts as paused and takes its share of the work inline. Waiting for
-    /// the controller role, it counts as parked (see
-    /// [`Self::acquire_role`]).
+    /// the controller role (another thread's pause in progress), it counts
+    /// as parked: another controller's pause does not wait for it, and it
+    /// takes a share of that controller's work meanwhile.
     pub fn pause(
         &self,
         vcpus: &[usize],
