@@ -212,9 +212,9 @@ impl MetricsSources {
                 last_flush: stats.last_flush().map(|record| LastFlush {
                     full: record.full,
                     bytes: record.bytes,
-                    plan_ns: record.plan_ns,
-                    pause_ns: record.pause_ns,
-                    flush_ns: record.flush_ns,
+                    plan_ns: record.times.plan_ns,
+                    pause_ns: record.times.pause_ns,
+                    flush_ns: record.times.flush_ns,
                     shares: record
                         .shares
                         .iter()

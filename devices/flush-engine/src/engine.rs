@@ -151,13 +151,9 @@ pub struct FlushRecord {
     pub full: bool,
     /// Bytes flushed (whole lines).
     pub bytes: u64,
-    /// Time to plan the extents (for a full flush: the residency scan),
-    /// before the pause.
-    pub plan_ns: u64,
-    /// Time to pause every vCPU.
-    pub pause_ns: u64,
-    /// Time from paused to every line flushed.
-    pub flush_ns: u64,
+    /// How long each phase took (the same figures as the batch's flush log
+    /// record).
+    pub times: PhaseTimes,
 }
 
 /// Counters of the engine since the VM started.
@@ -242,7 +238,9 @@ impl EngineStats {
     /// Keeps a successful flush as the last one, and its durations.
     fn record(&self, record: FlushRecord) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let (pause_ns, flush_ns) = (record.pause_ns, record.flush_ns);
+        let PhaseTimes {
+            pause_ns, flush_ns, ..
+        } = record.times;
         recent.last = Some(record);
         if recent.pause_ns.len() < LATENCY_WINDOW {
             recent.pause_ns.push(pause_ns);
@@ -735,9 +733,7 @@ where
             shares,
             bytes,
             full: batch.full,
-            plan_ns,
-            pause_ns,
-            flush_ns,
+            times,
         })
     }
 
@@ -962,18 +958,18 @@ where
                 self.stats.bytes.fetch_add(record.bytes, Ordering::Relaxed);
                 self.stats
                     .pause_ns
-                    .fetch_add(record.pause_ns, Ordering::Relaxed);
+                    .fetch_add(record.times.pause_ns, Ordering::Relaxed);
                 self.stats
                     .flush_ns
-                    .fetch_add(record.flush_ns, Ordering::Relaxed);
+                    .fetch_add(record.times.flush_ns, Ordering::Relaxed);
                 log::debug!(
                     "flushed {} bytes ({} lines, full: {}) in {} shares; pause {} µs, flush {} µs",
                     record.bytes,
                     lines,
                     record.full,
                     record.shares.len(),
-                    record.pause_ns / 1000,
-                    record.flush_ns / 1000
+                    record.times.pause_ns / 1000,
+                    record.times.flush_ns / 1000
                 );
                 self.stats.record(record);
             }
