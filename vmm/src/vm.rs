@@ -1007,15 +1007,47 @@ impl LinuxGuest {
     }
 }
 
+/// Why this process cannot run a VM, or `None` if it can: `/dev/kvm` is
+/// missing, or cannot be opened for reading and writing. The KVM tests
+/// print it in their SKIPPED line; an embedder can ask before building a
+/// VM ([`VmError::OpenKvm`] says less).
+pub fn kvm_unavailable() -> Option<String> {
+    unopenable(std::path::Path::new("/dev/kvm"))
+}
+
+/// Why `path` cannot be opened for reading and writing, or `None`.
+fn unopenable(path: &std::path::Path) -> Option<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(_) => None,
+        Err(e) if !path.exists() => Some(format!("{} does not exist ({e})", path.display())),
+        Err(e) => Some(format!("{} cannot be opened ({e})", path.display())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::vcpu::control::RunState;
 
     #[test]
+    fn a_missing_or_unopenable_device_says_why() {
+        let dir = std::env::temp_dir();
+        let missing = dir.join("no-such-kvm-device-here");
+        let reason = unopenable(&missing).expect("a missing path cannot be opened");
+        assert!(reason.contains("does not exist"), "{reason}");
+        // A directory exists but cannot be opened for writing.
+        let reason = unopenable(&dir).expect("a directory cannot be opened read-write");
+        assert!(reason.contains("cannot be opened"), "{reason}");
+    }
+
+    #[test]
     fn a_failed_start_leaves_no_vcpu_thread_running() {
-        if !std::path::Path::new("/dev/kvm").exists() {
-            eprintln!("SKIPPED a_failed_start_leaves_no_vcpu_thread_running: needs KVM: /dev/kvm is missing");
+        if let Some(reason) = kvm_unavailable() {
+            eprintln!("SKIPPED a_failed_start_leaves_no_vcpu_thread_running: needs KVM: {reason}");
             return;
         }
         let config = VmConfig {

@@ -3,21 +3,14 @@
 #![allow(dead_code)] // Each test binary uses a different subset.
 
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Output};
 
 /// Returns `true` if `/dev/kvm` can be opened. Otherwise prints a loud
 /// SKIPPED line for `test` straight to stderr, so a machine without KVM
 /// never passes these tests silently.
 pub fn kvm_or_skip(test: &str) -> bool {
-    let reason = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => return true,
-        Err(e) if !Path::new("/dev/kvm").exists() => format!("/dev/kvm does not exist ({e})"),
-        Err(e) => format!("/dev/kvm cannot be opened ({e})"),
+    let Some(reason) = vmm::vm::kvm_unavailable() else {
+        return true;
     };
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: needs KVM: {reason}");
     false
