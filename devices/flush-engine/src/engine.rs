@@ -29,7 +29,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use devices::cache_flush::{BatchCompletion, FlushBackend, FlushBatch, FlushError};
 use smallvec::SmallVec;
@@ -551,21 +551,23 @@ where
     /// The pause both kinds of request share is left out. (0, 0) if the
     /// residency scan fails.
     pub fn measure_full_flush(&self) -> (u64, u64) {
-        let start = Instant::now();
+        let start = monotonic_ns();
         let memory = self.memory.memory();
         let Ok(extents) = resident::resident_extents(&*memory) else {
             return (0, 0);
         };
-        let scanned = Instant::now();
+        let scanned = monotonic_ns();
         let lines: u64 = extents
             .iter()
             .map(|&e| flush_extent(&*memory, &*self.flush_op, e).unwrap_or(0))
             .sum();
         let bytes = lines * self.line;
-        let done = Instant::now();
+        let done = monotonic_ns();
+        // The same clock and arithmetic as a full flush's own phase times,
+        // which refresh this estimate later.
         full_flush_estimate(
-            (scanned - start).as_nanos() as u64,
-            (done - scanned).as_nanos() as u64,
+            scanned.saturating_sub(start),
+            done.saturating_sub(scanned),
             bytes,
             self.line,
         )
